@@ -1,0 +1,49 @@
+"""fxcache: DeepCache as a compiler-level graph transform.
+
+``fxcache.transform(unet, branch=0, interval=3)`` captures a U-Net as one torch.fx graph, finds its
+skip connections, cuts it at the chosen one into a full and a shallow graph, and runs them on
+DeepCache's schedule. ``fxcache.enable(pipe, ...)`` does the same for a diffusers pipeline's UNet.
+
+Importing fxcache imports neither diffusers nor CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fxcache.api import transform
+from fxcache.config import CacheConfig
+from fxcache.errors import CaptureError
+from fxcache.explain import Branch, BranchTable, explain
+from fxcache.runtime import CachedModule
+from fxcache.schedule import Schedule, uniform
+
+__all__ = [
+    "Branch",
+    "BranchTable",
+    "CacheConfig",
+    "CachedModule",
+    "CaptureError",
+    "Schedule",
+    "disable",
+    "enable",
+    "explain",
+    "transform",
+    "uniform",
+]
+
+__version__ = "0.1.0"
+
+
+def enable(pipe: Any, branch: int = 0, interval: int = 3) -> Any:
+    """Run a diffusers pipeline's UNet with DeepCache; see :func:`fxcache.adapters.diffusers.enable`."""
+    from fxcache.adapters.diffusers import enable as _enable  # keeps `import fxcache` free of diffusers
+
+    return _enable(pipe, branch=branch, interval=interval)
+
+
+def disable(pipe: Any) -> Any:
+    """Put a pipeline's original UNet back; see :func:`fxcache.adapters.diffusers.disable`."""
+    from fxcache.adapters.diffusers import disable as _disable
+
+    return _disable(pipe)

@@ -1,0 +1,1 @@
+"""Adapters that fit fxcache's model-agnostic core to specific libraries (diffusers)."""

@@ -1,0 +1,142 @@
+"""fxcache for diffusers pipelines: ``enable`` / ``disable`` and DeepCache id translation.
+
+This adapter knows about pipelines (``pipe.unet``, ``pipe.scheduler``) by duck typing; it does not
+import diffusers, and the core (capture, passes, runtime) knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from fxcache.config import CacheConfig
+from fxcache.capture import Signature
+from fxcache.runtime import CachedModule, _Program
+
+__all__ = ["enable", "disable", "branch_from_deepcache_id"]
+
+
+class _SchedulerSteps:
+    """Step numbering as DeepCache's reference helper does it, without a device sync per step.
+
+    The reference numbers a call by the position of its timestep's *first occurrence* in
+    ``scheduler.timesteps`` (PNDM and Heun repeat timesteps), relative to the generation's first
+    call. This reads ``scheduler.timesteps`` to the host once per generation (a new generation is a
+    new ``timesteps`` tensor: every pipeline call runs ``set_timesteps``) and then counts calls;
+    ``scheduler.begin_index`` says where an img2img generation enters the schedule.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = weakref.ref(pipe)
+        self._timesteps: torch.Tensor | None = None
+        self._first: list[int] = []
+        self._begin = 0
+        self._calls = 0
+
+    def __call__(self) -> tuple[bool, int] | None:
+        pipe = self._pipe()
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+            return None  # not a scheduler we can read: the module's own rule applies
+        new = timesteps is not self._timesteps
+        if new:
+            first: dict[float, int] = {}
+            self._first = [first.setdefault(v, i) for i, v in enumerate(timesteps.tolist())]
+            self._begin = getattr(scheduler, "begin_index", None) or 0
+            self._calls = 0
+            self._timesteps = timesteps
+        pos = self._begin + self._calls
+        self._calls += 1
+        if pos >= len(self._first) or self._begin >= len(self._first):
+            return new, pos - self._begin  # more calls than timesteps: count calls
+        return new, self._first[pos] - self._first[self._begin]
+
+
+class _PipelineUNet(CachedModule):
+    """A CachedModule that, when its first capture fails, puts the pipeline's UNet back first."""
+
+    def __init__(self, unet: torch.nn.Module, config: CacheConfig, pipe: Any) -> None:
+        super().__init__(unet, config)
+        self.step_source = _SchedulerSteps(pipe)
+        self._pipe_ref = weakref.ref(pipe)
+
+    def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
+        try:
+            return super()._program(sig, args, kwargs)
+        except Exception:
+            pipe = self._pipe_ref()
+            if pipe is not None and pipe.__dict__.get("unet") is self:
+                disable(pipe)  # the error leaves the pipeline as it was before enable()
+            raise
+
+
+def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
+    # DiffusionPipeline.__setattr__ would rewrite pipe.config's unet entry to point at fxcache;
+    # the swap is temporary, so the pipeline's config (and save_pretrained) must not see it.
+    object.__setattr__(pipe, "unet", unet)
+
+
+def enable(pipe: Any, branch: int = 0, interval: int = 3) -> Any:
+    """Make ``pipe.unet`` run DeepCache; returns ``pipe``.
+
+    Step numbering follows the reference helper (``DeepCacheSDHelper``) exactly: a call's step is the
+    position of its timestep's first occurrence in the scheduler's timesteps, counted from the
+    generation's first call. Calling ``enable`` again replaces the settings. ``pipe.config`` is left
+    untouched, and :func:`disable` puts the original UNet object back.
+
+    Example:
+        >>> import fxcache
+        >>> pipe = fxcache.enable(pipe, branch=0, interval=3)        # doctest: +SKIP
+        >>> latents = pipe(prompt_embeds=emb, output_type="latent")  # doctest: +SKIP
+        >>> fxcache.disable(pipe)                                    # doctest: +SKIP
+    """
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, CachedModule):
+        unet = unet.model
+    if not isinstance(unet, torch.nn.Module):
+        raise ValueError(
+            f"{type(pipe).__name__} has no .unet module to cache (found {type(unet).__name__}). "
+            "fxcache.enable works on U-Net pipelines; for another model call fxcache.transform(model) directly."
+        )
+    cached = _PipelineUNet(unet, CacheConfig(branch=branch, interval=interval), pipe)
+    _set_unet(pipe, cached)
+    return pipe
+
+
+def disable(pipe: Any) -> Any:
+    """Put back the UNet that :func:`enable` replaced; a no-op on a pipeline that is not enabled."""
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, CachedModule):
+        _set_unet(pipe, unet.model)
+    return pipe
+
+
+def branch_from_deepcache_id(unet: torch.nn.Module, cache_branch_id: int) -> int:
+    """The fxcache branch that matches DeepCache's ``cache_branch_id`` on a diffusers U-Net.
+
+    The reference helper reads its id as ``block = id // 3, layer = id % 3`` and keeps everything
+    from that layer of that down block (and its up-path twin) in the cache. Counted in skips, with
+    ``L_j`` layers and ``d_j`` downsamplers in down block ``j``, that is skip
+    ``sum(L_j + d_j for j < block) + min(layer, L_block)``: equal to the id when every block has two
+    layers (SD1.x, SD2.x, SD-XL), different otherwise.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> block = NS(resnets=[0], downsamplers=[0])                 # one layer per block
+        >>> branch_from_deepcache_id(NS(down_blocks=[block, block]), 5)
+        3
+    """
+    blocks = list(unet.down_blocks)
+    block, layer = divmod(cache_branch_id, 3)
+    if not 0 <= block < len(blocks):
+        raise ValueError(
+            f"cache_branch_id={cache_branch_id} is out of range: this U-Net has {len(blocks)} down blocks, "
+            f"so DeepCache ids go from 0 to {3 * len(blocks) - 1}"
+        )
+    skips = 0
+    for b in blocks[:block]:
+        skips += len(b.resnets) + len(getattr(b, "downsamplers", None) or [])
+    return skips + min(layer, len(blocks[block].resnets))

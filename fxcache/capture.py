@@ -1,0 +1,166 @@
+"""Stage 1: capture a model as one flat torch.fx graph.
+
+The capture uses ``torch.export.export(..., strict=False)`` (see docs/design.md for why) and then
+rewrites the exported graph into a plain :class:`torch.fx.GraphModule` whose
+
+* placeholders are the flattened call arguments, in ``torch.utils._pytree`` order, non-tensor
+  leaves (``None``, ``return_dict=False``) included, so a caller passes exactly the leaves it has;
+* parameters and buffers are ``get_attr`` nodes bound to the *user's own* tensors: nothing is
+  copied, so an in-place weight update on the original model shows in the next call;
+* output is the flat tuple of output leaves, rebuilt into the model's output type with ``out_spec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from fxcache.errors import CaptureError
+
+__all__ = ["Captured", "Signature", "capture", "flatten_call", "rebind"]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a captured graph is specialised on: argument structure, tensor metadata, constants."""
+
+    spec: pytree.TreeSpec
+    leaves: tuple[Hashable, ...]
+    training: bool
+
+
+def _describe_leaf(leaf: Any) -> Hashable:
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.layout)
+    try:
+        hash(leaf)
+    except TypeError:
+        return ("object", type(leaf), id(leaf))
+    return ("const", type(leaf), leaf)
+
+
+def flatten_call(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> tuple[list[Any], Signature]:
+    """Flatten call arguments into leaves and the :class:`Signature` they are specialised on.
+
+    Keyword arguments are sorted by name so that the same call written in another order maps to the
+    same capture.
+    """
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    return leaves, Signature(spec, tuple(_describe_leaf(x) for x in leaves), model.training)
+
+
+@dataclass
+class Captured:
+    """A model captured for one :class:`Signature`.
+
+    Attributes:
+        gm: the graph; call it as ``gm(*leaves)`` with the leaves from :func:`flatten_call`.
+        out_spec: turns the flat outputs of ``gm`` back into what the model returns.
+        attr_fqns: for every ``get_attr`` target of ``gm``, the name of the model's parameter or buffer
+            it is bound to (tensor constants made during tracing are not listed: they belong to the graph).
+    """
+
+    gm: fx.GraphModule
+    out_spec: pytree.TreeSpec
+    attr_fqns: dict[str, str]
+
+    def unflatten(self, flat_out: Any) -> Any:
+        return pytree.tree_unflatten(list(flat_out), self.out_spec)
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, tuple(args), dict(sorted(kwargs.items())), strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "not one graph"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CaptureError(
+            f"fxcache could not capture {type(model).__name__} as one graph with "
+            f"torch.export.export(strict=False): {type(exc).__name__}: {first_line}\n"
+            "DeepCache needs the whole forward as a single graph. Common causes are Python control "
+            "flow on tensor values (if x.sum() > 0), .item()/.tolist() calls, and unsupported "
+            "custom ops. Your model was not modified. See the chained exception for where tracing stopped."
+        ) from exc
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Captured:
+    """Capture ``model(*args, **kwargs)`` as one flat GraphModule bound to the model's own tensors.
+
+    Pre: ``model`` runs on ``args``/``kwargs``. Post: ``Captured.gm(*flatten_call(...)[0])`` computes
+    the same ATen ops in the same order as ``model`` would, and ``model`` is unchanged.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> cap = capture(lin, (torch.ones(1, 2),), {})
+        >>> name = next(a for a, fqn in cap.attr_fqns.items() if fqn == "weight")
+        >>> getattr(cap.gm, name) is lin.weight  # shared, not copied
+        True
+
+    Raises:
+        CaptureError: the model cannot be captured as one graph.
+    """
+    ep = _export(model, tuple(args), dict(kwargs))
+    sig = ep.graph_signature
+    extra_outputs = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
+    if extra_outputs:
+        kinds = sorted({s.kind.name for s in extra_outputs})
+        raise CaptureError(
+            f"{type(model).__name__}.forward mutates state ({', '.join(kinds)}), for example BatchNorm "
+            "running statistics in training mode. Call model.eval() first; fxcache caches inference only."
+        )
+
+    live: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, Any] = {}
+    attr_fqns: dict[str, str] = {}
+    specs = {s.arg.name: s for s in sig.input_specs}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            spec = specs[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                new = graph.placeholder(node.name)
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                name = node.name
+                attrs[name] = live[spec.target] if spec.target in live else ep.state_dict[spec.target]
+                attr_fqns[name] = spec.target
+                new = graph.get_attr(name)
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                attrs[node.name] = ep.constants[spec.target]
+                new = graph.get_attr(node.name)
+            else:
+                raise CaptureError(
+                    f"{type(model).__name__} uses a {spec.kind.name} input ({spec.target}), which fxcache "
+                    "cannot bind to a plain graph yet. Please report the model."
+                )
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        new.meta = dict(node.meta)
+        env[node] = new
+
+    gm = fx.GraphModule(attrs, graph, class_name=f"Captured{type(model).__name__}")
+    gm.graph.lint()
+    gm.recompile()
+    return Captured(gm=gm, out_spec=ep.call_spec.out_spec, attr_fqns=attr_fqns)
+
+
+def rebind(gm: fx.GraphModule, attr_fqns: Mapping[str, str], model: torch.nn.Module) -> None:
+    """Point ``gm``'s ``get_attr`` tensors at ``model``'s current parameters and buffers.
+
+    Needed after ``model.to(...)`` and friends, which may replace buffer objects.
+    """
+    live: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+    for name, fqn in attr_fqns.items():
+        if hasattr(gm, name) and fqn in live:
+            gm._parameters.pop(name, None)  # a plain tensor may not replace a registered Parameter
+            setattr(gm, name, live[fqn])

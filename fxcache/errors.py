@@ -1,0 +1,24 @@
+"""Exceptions raised by fxcache."""
+
+from __future__ import annotations
+
+__all__ = ["CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as one torch.fx graph.
+
+    The message says why and what to try; the exception raised by the capture itself is chained
+    (``raise CaptureError(...) from exc``), so the traceback still shows where tracing stopped.
+
+    Example:
+        >>> import torch, fxcache
+        >>> class Branchy(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x   # data-dependent Python control flow
+        >>> try:
+        ...     fxcache.explain(Branchy(), torch.ones(1, 1, 4, 4))
+        ... except fxcache.CaptureError as e:
+        ...     print("captured: no")
+        captured: no
+    """

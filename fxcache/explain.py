@@ -1,0 +1,137 @@
+"""``fxcache.explain``: what the analysis found, as data that prints as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxcache.capture import capture
+from fxcache.passes import find_skip_merges, flops_by_node, graph_outputs, needed_nodes
+from fxcache.predicates import module_path, tensor_meta
+
+__all__ = ["Branch", "BranchTable", "explain", "ideal_speedup"]
+
+_INTERVALS = (2, 3, 4, 5)
+
+
+def ideal_speedup(interval: int, flops_fraction: float) -> float:
+    """N / (1 + (N - 1) f): the speedup of one full step per N when a shallow step costs f of a full one.
+
+    Example:
+        >>> round(ideal_speedup(3, 0.061), 2)
+        2.68
+    """
+    return interval / (1 + (interval - 1) * flops_fraction)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One place fxcache can cut the model.
+
+    Attributes:
+        index: the ``branch=`` value that selects it (0 = shallowest skip).
+        skip_from: module the skip tensor leaves from (``"<input>"`` for a model input).
+        merge_into: module where it rejoins the deep path.
+        kind: ``"concat"`` or ``"add"``.
+        cache_shape: shape of the deep feature a shallow step reads from the cache.
+        flops_fraction: FLOPs of a shallow step over FLOPs of a full step.
+    """
+
+    index: int
+    skip_from: str
+    merge_into: str
+    kind: str
+    cache_shape: tuple[int, ...]
+    flops_fraction: float
+
+    def speedup(self, interval: int) -> float:
+        """Predicted speedup at ``interval`` from FLOPs alone."""
+        return ideal_speedup(interval, self.flops_fraction)
+
+    def __str__(self) -> str:
+        shape = "x".join(map(str, self.cache_shape))
+        return (
+            f"branch {self.index}: {self.skip_from} -> {self.merge_into} ({self.kind}), cache {shape}, "
+            f"shallow step {100 * self.flops_fraction:.1f}% of full FLOPs"
+        )
+
+
+class BranchTable(list):  # list[Branch] that prints as a table
+    def __str__(self) -> str:
+        head = ["branch", "skip from", "merges into", "kind", "cache", "shallow FLOPs"]
+        head += [f"N={n}" for n in _INTERVALS]
+        rows = [
+            [
+                str(b.index), b.skip_from, b.merge_into, b.kind, "x".join(map(str, b.cache_shape)),
+                f"{100 * b.flops_fraction:.1f}%", *(f"{b.speedup(n):.2f}x" for n in _INTERVALS),
+            ]
+            for b in self
+        ]  # fmt: skip
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("N=k: predicted speedup with one full step every k steps, from FLOPs alone.")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _merge_site(node: fx.Node) -> str:
+    # The cat/add runs in the block's own forward ("up_blocks.3"); the module that consumes the
+    # merged tensor one level further in ("up_blocks.3.resnets.2") is more telling.
+    site = module_path(node)
+    for user in node.users:
+        paths = [v[0] for v in (user.meta.get("nn_module_stack") or {}).values() if v and v[0]]
+        deeper = [p for p in paths if site in ("<top>", "<input>") or p.startswith(site + ".")]
+        if deeper:
+            return deeper[0]
+    return site
+
+
+def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
+    """List the branches fxcache can cut ``model`` at, for inputs like ``args``/``kwargs``.
+
+    Captures the model once (as :func:`fxcache.transform` would at its first call), finds its skip
+    connections and measures, for each, what share of a full step's FLOPs a shallow step keeps.
+    The model is not modified and is not run on real data.
+
+    Example:
+        >>> import torch, fxcache
+        >>> class UNetish(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.inp = torch.nn.Conv2d(3, 8, 3, padding=1)
+        ...         self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        ...         self.mid = torch.nn.Conv2d(8, 8, 3, padding=1)
+        ...         self.up = torch.nn.Upsample(scale_factor=2)
+        ...         self.out = torch.nn.Conv2d(16, 3, 3, padding=1)
+        ...     def forward(self, x):
+        ...         h = self.inp(x)
+        ...         return self.out(torch.cat([self.up(self.mid(self.down(h))), h], dim=1))
+        >>> branches = fxcache.explain(UNetish(), torch.randn(1, 3, 16, 16))
+        >>> print(branches[0])
+        branch 0: inp -> out (concat), cache 1x8x16x16, shallow step 60.0% of full FLOPs
+    """
+    captured = capture(model, args, kwargs)
+    flops = flops_by_node(captured.gm)
+    full_flops = sum(flops.values())
+    outputs = graph_outputs(captured.gm)
+    table = BranchTable()
+    for i, merge in enumerate(find_skip_merges(captured.gm)):
+        # The shallow graph keeps exactly the nodes the outputs need once the deep tensor is given.
+        shallow_flops = sum(flops[n.name] for n in needed_nodes(outputs, {merge.deep}))
+        meta = tensor_meta(merge.deep)
+        table.append(
+            Branch(
+                index=i,
+                skip_from=module_path(merge.skip),
+                merge_into=_merge_site(merge.merge),
+                kind=merge.kind,
+                cache_shape=tuple(meta.shape) if meta is not None else (),
+                flops_fraction=shallow_flops / full_flops if full_flops else float("nan"),
+            )
+        )
+    return table
