@@ -1,0 +1,270 @@
+"""Models the tests run on: plain-PyTorch U-Nets written here, and tiny diffusers configs.
+
+diffusers is imported inside the builders so that tests which do not need it never import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ResBlock(nn.Module):
+    """A residual block: its addition is *not* a long skip."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over pixels with a residual: its (B, heads, tokens, dim) tensors must not
+    make the residual look like a skip through lower resolution."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(ch, num_heads=2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class PlainUNet(nn.Module):
+    """A three-level U-Net in plain PyTorch, with concatenated (``merge="cat"``) or additive
+    (``merge="add"``) long skips, residual blocks and attention. It has 3 long skips:
+    stem -> out_block, level 1 -> up1, level 2 -> up2 (shallowest first)."""
+
+    def __init__(self, merge: str = "cat", ch: int = 8, in_ch: int = 3) -> None:
+        super().__init__()
+        self.merge = merge
+        self.temb = nn.Linear(1, ch)
+        self.stem = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down1 = nn.Sequential(nn.Conv2d(ch, ch, 3, stride=2, padding=1), ResBlock(ch))
+        self.down2 = nn.Sequential(nn.Conv2d(ch, ch, 3, stride=2, padding=1), ResBlock(ch))
+        self.mid = nn.Sequential(nn.Conv2d(ch, ch, 3, stride=2, padding=1), ResBlock(ch), SelfAttention(ch))
+        width = 2 * ch if merge == "cat" else ch
+        self.up2 = nn.Sequential(nn.Conv2d(width, ch, 3, padding=1), ResBlock(ch))
+        self.up1 = nn.Sequential(nn.Conv2d(width, ch, 3, padding=1), ResBlock(ch))
+        self.out_block = nn.Sequential(nn.Conv2d(width, ch, 3, padding=1), ResBlock(ch))
+        self.head = nn.Conv2d(ch, in_ch, 3, padding=1)
+
+    def _merge(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([deep, skip], dim=1) if self.merge == "cat" else deep + skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.temb(t.reshape(-1, 1).to(x.dtype)).reshape(-1, self.temb.out_features, 1, 1)
+        h0 = self.stem(x) + emb
+        h1 = self.down1(h0)
+        h2 = self.down2(h1)
+        h = nn.functional.interpolate(self.mid(h2), scale_factor=2.0)
+        h = nn.functional.interpolate(self.up2(self._merge(h, h2)), scale_factor=2.0)
+        h = nn.functional.interpolate(self.up1(self._merge(h, h1)), scale_factor=2.0)
+        return self.head(self.out_block(self._merge(h, h0)))
+
+
+class NoSkipNet(nn.Module):
+    """Residual blocks, attention and a down/up path, but no long skip at all."""
+
+    def __init__(self, ch: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, ch, 3, padding=1)
+        self.body = nn.Sequential(ResBlock(ch), nn.Conv2d(ch, ch, 3, stride=2, padding=1), SelfAttention(ch))
+        self.head = nn.ConvTranspose2d(ch, 3, 2, stride=2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: cannot be one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return h if h.sum() > 0 else -h
+
+
+def plain_inputs(batch: int = 2, size: int = 16, t: float = 500.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 3, size, size), torch.full((batch,), t)
+
+
+# -- diffusers: tiny configs built offline -------------------------------------------------------------
+
+CROSS_DIM = 32
+
+
+def sd_unet(layers_per_block: int = 2, seed: int = 0) -> Any:
+    """SD1.x-like: 4 down blocks (3 with cross-attention), 2 layers each -> 12 skips."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=layers_per_block,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+POOLED_DIM, TIME_EMBED_DIM = 32, 8
+
+
+def sdxl_unet(seed: int = 0) -> Any:
+    """SD-XL-like: 3 down blocks (the first without attention), text_time conditioning -> 9 skips."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        transformer_layers_per_block=(1, 1, 1),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
+        use_linear_projection=True,
+    ).eval()
+
+
+def unet2d(seed: int = 0) -> Any:
+    """diffusers' unconditional UNet2DModel: 1 + 3 + 2 = 6 skips."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
+
+
+def tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(32,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def ddim() -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+
+
+def euler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def sd_pipeline(unet: Any = None, scheduler: Any = None) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=unet if unet is not None else sd_unet(),
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=scheduler if scheduler is not None else ddim(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_pipeline(scheduler: Any = None) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=sdxl_unet(),
+        scheduler=scheduler if scheduler is not None else ddim(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_inputs(batch: int = 2, size: int = 16, t: int = 500, seed: int = 1) -> tuple[tuple, dict[str, Any]]:
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, size, size, generator=g)
+    emb = torch.randn(batch, 7, CROSS_DIM, generator=g)
+    return (sample, torch.tensor(t)), {"encoder_hidden_states": emb}
+
+
+def sdxl_inputs(batch: int = 2, size: int = 16, t: int = 500, seed: int = 1) -> tuple[tuple, dict[str, Any]]:
+    args, kwargs = sd_inputs(batch, size, t, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kwargs["added_cond_kwargs"] = {
+        "text_embeds": torch.randn(batch, POOLED_DIM, generator=g),
+        "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32),
+    }
+    return args, kwargs
+
+
+def generate(pipe: Any, steps: int = 10, seed: int = 0, images: int = 1, size: int = 16) -> torch.Tensor:
+    """One whole generation with classifier-free guidance, returning latents."""
+    g = torch.Generator().manual_seed(seed + 100)
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": torch.randn(1, 7, CROSS_DIM, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 7, CROSS_DIM, generator=g),
+    }
+    if type(pipe).__name__.startswith("StableDiffusionXL"):
+        kwargs["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
+        kwargs["negative_pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
+    return pipe(
+        **kwargs,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        num_images_per_prompt=images,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    ).images

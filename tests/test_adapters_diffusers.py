@@ -1,0 +1,114 @@
+"""Whole generations through fxcache.enable equal the paper's reference helper, bit for bit.
+
+In fp32 on CPU both run the same ATen ops in the same order, so the latents must be identical
+(``torch.equal``), not merely close.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from DeepCache import DeepCacheSDHelper
+
+import fxcache
+from fxcache.adapters.diffusers import branch_from_deepcache_id
+from tests import models
+
+
+def _reference(pipe, cache_branch_id: int, interval: int, **gen) -> torch.Tensor:
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=cache_branch_id)
+    helper.enable()
+    try:
+        return models.generate(pipe, **gen)
+    finally:
+        helper.disable()
+
+
+def _fxcache(pipe, branch: int, interval: int, **gen) -> tuple[torch.Tensor, tuple[int, int]]:
+    fxcache.enable(pipe, branch=branch, interval=interval)
+    try:
+        out = models.generate(pipe, **gen)
+        st = pipe.unet.fxcache_state
+        return out, (st.full_steps, st.shallow_steps)
+    finally:
+        fxcache.disable(pipe)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return models.sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sd_plain(sd_pipe) -> torch.Tensor:
+    return models.generate(sd_pipe)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("branch", "interval"), [(0, 2), (0, 5), (1, 3), (3, 3), (11, 4)])
+def test_sd_equals_reference_helper(sd_pipe, sd_plain, branch: int, interval: int) -> None:
+    ref = _reference(sd_pipe, branch, interval)
+    ours, (full, shallow) = _fxcache(sd_pipe, branch, interval)
+    assert (full, shallow) == (-(-10 // interval), 10 - -(-10 // interval)), "uniform 1:N over 10 steps"
+    assert torch.equal(ours, ref), f"max |diff| vs DeepCacheSDHelper: {(ours - ref).abs().max().item()}"
+    assert not torch.equal(ours, sd_plain), "caching must change the result (else nothing was cached)"
+
+
+@pytest.mark.slow
+def test_sd_euler_two_images_per_prompt() -> None:
+    pipe = models.sd_pipeline(scheduler=models.euler())
+    ref = _reference(pipe, 2, 3, steps=8, images=2)
+    ours, _ = _fxcache(pipe, 2, 3, steps=8, images=2)
+    assert ours.shape[0] == 2 and torch.equal(ours, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("branch", "interval"), [(0, 3), (4, 2), (8, 5)])
+def test_sdxl_equals_reference_helper(branch: int, interval: int) -> None:
+    pipe = models.sdxl_pipeline()
+    plain = models.generate(pipe, steps=8)
+    ref = _reference(pipe, branch, interval, steps=8)
+    ours, _ = _fxcache(pipe, branch, interval, steps=8)
+    assert torch.equal(ours, ref), f"max |diff| vs DeepCacheSDHelper: {(ours - ref).abs().max().item()}"
+    assert not torch.equal(ours, plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_branch_id", [1, 2, 5])
+def test_one_layer_per_block_maps_reference_ids(cache_branch_id: int) -> None:
+    # With one layer per down block the reference's id is not the skip index: id 2 is skip 1, id 5 is skip 3.
+    pipe = models.sd_pipeline(unet=models.sd_unet(layers_per_block=1))
+    branch = branch_from_deepcache_id(pipe.unet, cache_branch_id)
+    assert branch == {1: 1, 2: 1, 5: 3}[cache_branch_id]
+    ref = _reference(pipe, cache_branch_id, 3, steps=6)
+    ours, _ = _fxcache(pipe, branch, 3, steps=6)
+    assert torch.equal(ours, ref)
+
+
+def test_enable_disable_round_trip(sd_pipe) -> None:
+    original, config_before = sd_pipe.unet, dict(sd_pipe.config)
+    assert fxcache.enable(sd_pipe, branch=0, interval=3) is sd_pipe
+    assert isinstance(sd_pipe.unet, fxcache.CachedModule) and sd_pipe.unet.model is original
+    assert dict(sd_pipe.config) == config_before, "enable must not rewrite the pipeline's config"
+    fxcache.enable(sd_pipe, branch=1, interval=2)  # re-enable replaces the settings
+    assert sd_pipe.unet.model is original and sd_pipe.unet.fxcache_config.branch == 1
+    fxcache.disable(sd_pipe)
+    assert sd_pipe.unet is original
+    fxcache.disable(sd_pipe)  # a no-op when not enabled
+    assert sd_pipe.unet is original
+
+
+@pytest.mark.slow
+def test_consecutive_generations_and_resolution_change(sd_pipe, sd_plain) -> None:
+    ref = _reference(sd_pipe, 0, 3)
+    fxcache.enable(sd_pipe, branch=0, interval=3)
+    try:
+        first = models.generate(sd_pipe)
+        small = models.generate(sd_pipe, size=8)  # a new signature mid-session: new generation, full first step
+        second = models.generate(sd_pipe)
+    finally:
+        fxcache.disable(sd_pipe)
+    plain_small = models.generate(sd_pipe, size=8)
+    assert torch.equal(first, ref) and torch.equal(second, ref), "each generation starts afresh"
+    assert small.shape[-1] == 8 and not torch.equal(small, plain_small)

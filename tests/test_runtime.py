@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxcache
+from tests import models
+
+
+def _plain(merge: str = "cat") -> torch.nn.Module:
+    return models.PlainUNet(merge).eval()
+
+
+def _run(cached: torch.nn.Module, x: torch.Tensor, timesteps: list[float]) -> list[torch.Tensor]:
+    return [cached(x, torch.full((x.shape[0],), t)) for t in timesteps]
+
+
+@pytest.mark.parametrize("merge", ["cat", "add"])
+def test_interval_one_is_the_original(merge: str) -> None:
+    model = _plain(merge)
+    x, _ = models.plain_inputs()
+    ts = [900.0, 700.0, 500.0, 300.0]
+    outs = _run(fxcache.transform(model, branch=0, interval=1), x, ts)
+    for t, out in zip(ts, outs):
+        assert torch.equal(out, model(x, torch.full((2,), t))), f"interval=1 must be exact at t={t}"
+
+
+@pytest.mark.parametrize("merge", ["cat", "add"])
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_shallow_step_on_fresh_cache_is_exact(merge: str, branch: int) -> None:
+    model = _plain(merge)
+    x, t = models.plain_inputs()
+    cached = fxcache.transform(model, branch=branch, interval=2)
+    full, shallow = cached(x, t), cached(x, t)  # same timestep: same generation, step 1 is shallow
+    assert cached.fxcache_state.shallow_steps == 1
+    assert torch.equal(full, model(x, t))
+    assert torch.equal(shallow, full), "a shallow step fed the cache from the same inputs must equal the full step"
+
+
+def test_uniform_schedule_and_stale_cache() -> None:
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=3)
+    ts = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0]
+    outs = _run(cached, x, ts)
+    st = cached.fxcache_state
+    assert (st.full_steps, st.shallow_steps) == (3, 4), "steps 0, 3, 6 full"
+    for i, (t, out) in enumerate(zip(ts, outs)):
+        exact = torch.equal(out, model(x, torch.full((2,), t)))
+        assert exact == (i % 3 == 0), f"step {i}: full steps are exact, cached steps differ"
+
+
+def test_new_generation_rules() -> None:
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=10)
+    st = cached.fxcache_state
+    _run(cached, x, [900.0, 800.0])
+    assert (st.full_steps, st.step) == (1, 1)
+    _run(cached, x, [900.0])  # timestep rises: new generation
+    assert (st.full_steps, st.step) == (2, 0)
+    cached.reset()
+    _run(cached, x, [100.0])  # after reset
+    assert (st.full_steps, st.step) == (3, 0)
+    _run(cached, models.plain_inputs(batch=1)[0], [50.0])  # new shape: new capture, first step full
+    assert (st.full_steps, st.step) == (4, 0)
+    _run(cached, x, [30.0])  # back to the first signature: its cache is gone, so full
+    assert (st.full_steps, st.step) == (5, 0)
+
+
+def test_model_is_not_modified_and_weights_are_shared() -> None:
+    model = _plain()
+    x, t = models.plain_inputs()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cached = fxcache.transform(model, branch=0, interval=1)
+    cached(x, t)
+    assert type(model).forward is models.PlainUNet.forward and "forward" not in vars(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)  # an in-place update, as a LoRA fuse does
+    assert torch.equal(cached(x, t), model(x, t)), "in-place weight updates must show in the next call"
+
+
+def test_behaves_like_the_wrapped_model() -> None:
+    unet = models.sd_unet()
+    cached = fxcache.transform(unet, branch=0, interval=2)
+    assert cached.config is unet.config and cached.config.in_channels == 4
+    assert cached.dtype == torch.float32 and cached.device == torch.device("cpu")
+    assert cached.conv_in is unet.conv_in
+    assert cached.eval() is cached and not unet.training
+    args, kwargs = models.sd_inputs()
+    with torch.no_grad():
+        out = cached(*args, **kwargs, return_dict=False)
+        ref = unet(*args, **kwargs, return_dict=False)
+        out2 = cached(*args, **kwargs)
+    assert isinstance(out, tuple) and torch.equal(out[0], ref[0])
+    assert type(out2).__name__ == "UNet2DConditionOutput" and torch.equal(out2.sample, ref[0])
+
+
+def test_to_moves_model_and_recaptures() -> None:
+    model = _plain()
+    x, t = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=2)
+    cached(x, t)
+    assert cached.to(torch.float64) is cached
+    assert model.head.weight.dtype == torch.float64, ".to() applies to the wrapped model"
+    out = cached(x.double(), t.double())
+    assert out.dtype == torch.float64 and torch.equal(out, model(x.double(), t.double()))
+    assert cached.fxcache_state.full_steps == 2, "a new dtype starts a new generation"
+
+
+def test_nested_arguments_sdxl() -> None:
+    unet = models.sdxl_unet()
+    args, kwargs = models.sdxl_inputs()
+    cached = fxcache.transform(unet, branch=2, interval=2)
+    with torch.no_grad():
+        a, b = cached(*args, **kwargs).sample, cached(*args, **kwargs).sample
+        ref = unet(*args, **kwargs).sample
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+
+
+def test_unet2d_model_family() -> None:
+    unet = models.unet2d()
+    x = torch.randn(2, 3, 16, 16)
+    cached = fxcache.transform(unet, branch=1, interval=3)
+    with torch.no_grad():
+        outs = [cached(x, torch.tensor(t)).sample for t in (900, 800, 700, 600)]
+        refs = [unet(x, torch.tensor(t)).sample for t in (900, 800, 700, 600)]
+    assert torch.equal(outs[0], refs[0]) and torch.equal(outs[3], refs[3]), "full steps exact"
+    assert not torch.equal(outs[1], refs[1]), "cached steps reuse a stale feature"
