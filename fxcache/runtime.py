@@ -5,6 +5,7 @@ Which graph runs is decided here, in plain Python between the graphs, never insi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,29 @@ def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) 
     return merges[branch]
 
 
+def _number_leaves(sig: Signature) -> list[int]:
+    return [i for i, d in enumerate(sig.leaves) if d[0] == "const" and d[1] in (int, float)]
+
+
+def _warn_if_number_changed(sig: Signature, known: dict[Signature, _Program]) -> None:
+    # A Python number is baked into the captured graph; one that changes every step (a timestep
+    # passed as an int) would mean a capture per step. Say so once it happens.
+    numbers = _number_leaves(sig)
+    for other in known:
+        if other.spec == sig.spec and numbers and _number_leaves(other) == numbers:
+            differ = [i for i in numbers if other.leaves[i] != sig.leaves[i]]
+            rest = [i for i in range(len(sig.leaves)) if i not in differ]
+            if differ and all(other.leaves[i] == sig.leaves[i] for i in rest):
+                warnings.warn(
+                    "fxcache captures the model again because a Python number argument changed "
+                    f"(argument leaf {differ[0]}: {other.leaves[differ[0]][2]!r} -> {sig.leaves[differ[0]][2]!r}). "
+                    "Numbers are constants in the captured graph; pass values that change between calls, "
+                    "such as the timestep, as tensors (torch.tensor(t)) so one capture serves every step.",
+                    stacklevel=4,
+                )
+                return
+
+
 def _timestep_value(args: tuple, kwargs: dict[str, Any]) -> float | None:
     # The diffusion convention: the timestep is the second positional argument or `timestep=`.
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -133,6 +157,7 @@ class CachedModule(torch.nn.Module):
     def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
         program = self._programs.get(sig)
         if program is None:
+            _warn_if_number_changed(sig, self._programs)
             captured = capture(self.model, args, kwargs)
             merge = select_branch(find_skip_merges(captured.gm), self.fxcache_config.branch, self.model)
             full, shallow = split_at_branch(captured.gm, merge)

@@ -128,3 +128,22 @@ def test_unet2d_model_family() -> None:
         refs = [unet(x, torch.tensor(t)).sample for t in (900, 800, 700, 600)]
     assert torch.equal(outs[0], refs[0]) and torch.equal(outs[3], refs[3]), "full steps exact"
     assert not torch.equal(outs[1], refs[1]), "cached steps reuse a stale feature"
+
+
+def test_python_number_timestep_warns_about_recapture() -> None:
+    model = models.PlainUNet().eval()
+    x, _ = models.plain_inputs()
+
+    class ScalarT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+            return self.net(x, torch.full((x.shape[0],), t))
+
+    cached = fxcache.transform(ScalarT(), branch=0, interval=2)
+    cached(x, 900.0)
+    with pytest.warns(UserWarning, match="pass values that change between calls, such as the timestep, as tensors"):
+        out = cached(x, 800.0)
+    assert torch.equal(out, model(x, torch.full((2,), 800.0))), "a new signature starts with a full step"
