@@ -22,7 +22,7 @@ def ideal_speedup(interval: int, flops_fraction: float) -> float:
 
     Example:
         >>> round(ideal_speedup(3, 0.061), 2)
-        2.68
+        2.67
     """
     return interval / (1 + (interval - 1) * flops_fraction)
 
@@ -113,7 +113,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
         ...         return self.out(torch.cat([self.up(self.mid(self.down(h))), h], dim=1))
         >>> branches = fxcache.explain(UNetish(), torch.randn(1, 3, 16, 16))
         >>> print(branches[0])
-        branch 0: inp -> out (concat), cache 1x8x16x16, shallow step 60.0% of full FLOPs
+        branch 0: inp -> out (concat), cache 1x8x16x16, shallow step 69.2% of full FLOPs
     """
     captured = capture(model, args, kwargs)
     flops = flops_by_node(captured.gm)
