@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fxcache.api import transform
+from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.explain import Branch, BranchTable, explain
@@ -35,11 +36,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def enable(pipe: Any, branch: int = 0, interval: int = 3) -> Any:
+def enable(pipe: Any, branch: int = 0, interval: int = 3, compile: CompileSpec = False) -> Any:
     """Run a diffusers pipeline's UNet with DeepCache; see :func:`fxcache.adapters.diffusers.enable`."""
     from fxcache.adapters.diffusers import enable as _enable  # keeps `import fxcache` free of diffusers
 
-    return _enable(pipe, branch=branch, interval=interval)
+    return _enable(pipe, branch=branch, interval=interval, compile=compile)
 
 
 def disable(pipe: Any) -> Any:

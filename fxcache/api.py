@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.runtime import CachedModule
 
 __all__ = ["transform"]
 
 
-def transform(model: torch.nn.Module, branch: int = 0, interval: int = 3) -> CachedModule:
+def transform(
+    model: torch.nn.Module, branch: int = 0, interval: int = 3, compile: CompileSpec = False
+) -> CachedModule:
     """Make ``model`` run DeepCache: every ``interval``-th call in full, the others shallow.
 
     The model is captured as one graph at its first call (and again for each new input
@@ -26,9 +29,13 @@ def transform(model: torch.nn.Module, branch: int = 0, interval: int = 3) -> Cac
         model: any module whose forward is a U-Net-like network with long skip connections.
         branch: which skip to cut; checked against the model at the first call.
         interval: the uniform schedule's N (1 = no caching).
+        compile: compile the full and shallow graphs with torch.compile (Inductor): ``True`` for the
+            default mode per device (``"reduce-overhead"``, i.e. CUDA graphs, on CUDA), a mode name,
+            or a dict of torch.compile arguments. Wrapping the result in your own ``torch.compile``
+            also works: the step logic stays out of Dynamo and the two graphs are compiled once each.
 
     Raises:
-        ValueError: ``branch < 0`` or ``interval < 1`` (now); ``branch`` too large or no skip
+        ValueError: ``branch < 0``, ``interval < 1`` or an unknown compile mode (now); ``branch`` too large or no skip
             connection (at the first call).
         fxcache.CaptureError: the model cannot be captured as one graph (at the first call).
 
@@ -48,4 +55,4 @@ def transform(model: torch.nn.Module, branch: int = 0, interval: int = 3) -> Cac
         >>> torch.equal(outs[0], net(x, torch.tensor(3.0)))  # step 0 is full: exact
         True
     """
-    return CachedModule(model, CacheConfig(branch=branch, interval=interval))
+    return CachedModule(model, CacheConfig(branch=branch, interval=interval, compile=compile))

@@ -1,21 +1,25 @@
 """Stage 4: run the full and shallow graphs on DeepCache's schedule.
 
-Which graph runs is decided here, in plain Python between the graphs, never inside them.
+Which graph runs is decided here, in plain Python between the graphs, never inside them. That
+Python is kept out of Dynamo, so a user's ``torch.compile(cached)`` compiles the two graphs it calls
+(once each per input signature) and never recompiles because a step counter moved.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
 
-from fxcache.capture import Captured, Signature, capture, flatten_call, rebind
+from fxcache.capture import Captured, Signature, capture, flatten_call
+from fxcache.compile import compile_options, uses_cudagraphs
 from fxcache.config import CacheConfig
-from fxcache.passes import SkipMerge, find_skip_merges, split_at_branch
+from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
+from fxcache.predicates import tensor_meta
 
 __all__ = ["CachedModule", "CacheState", "StepSource", "select_branch"]
 
@@ -29,27 +33,30 @@ class CacheState:
 
     step: int = -1  # index of the last call in the current generation; -1: no call yet
     last_timestep: float | None = None
-    signature: Signature | None = None  # what the cached feature was computed for
-    cache: torch.Tensor | None = None
-    full_steps: int = 0  # counters, for tests and explain-style reporting
+    signature: Signature | None = None  # whose cache buffer holds a valid deep feature
+    full_steps: int = 0  # counters, for tests and reports
     shallow_steps: int = 0
 
     def reset(self) -> None:
-        self.step, self.last_timestep, self.signature, self.cache = -1, None, None, None
+        self.step, self.last_timestep, self.signature = -1, None, None
 
 
 @dataclass
 class _Program:
-    """The graphs for one input signature."""
+    """The graphs for one input signature, sharing one cache buffer."""
 
     captured: Captured
     merge: SkipMerge
-    full: fx.GraphModule
-    shallow: fx.GraphModule
-    graphs: tuple[fx.GraphModule, ...] = field(init=False)
+    cache: torch.Tensor  # written in place by `full`, read by `shallow`
+    full: Callable[..., Any]
+    shallow: Callable[..., Any]
+    cudagraphs: bool
 
-    def __post_init__(self) -> None:
-        self.graphs = (self.full, self.shallow)
+
+class _Plan(NamedTuple):
+    program: _Program
+    leaves: list[Any]
+    full: bool
 
 
 def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) -> SkipMerge:
@@ -95,7 +102,7 @@ def _warn_if_number_changed(sig: Signature, known: dict[Signature, _Program]) ->
                     f"(argument leaf {differ[0]}: {other.leaves[differ[0]][2]!r} -> {sig.leaves[differ[0]][2]!r}). "
                     "Numbers are constants in the captured graph; pass values that change between calls, "
                     "such as the timestep, as tensors (torch.tensor(t)) so one capture serves every step.",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return
 
@@ -137,19 +144,17 @@ class CachedModule(torch.nn.Module):
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CachedModule:
         super()._apply(fn, *args, **kwargs)
-        # .to()/.half() may replace buffer objects: point the graphs at the model's tensors again,
-        # and drop a cache computed on the old device or dtype.
-        for program in self._programs.values():
-            for gm in program.graphs:
-                rebind(gm, program.captured.attr_fqns, self.model)
+        # .to()/.half() may replace tensors and always moves the cache's device or dtype: capture
+        # again at the next call rather than keep graphs bound to the old tensors.
+        self._programs.clear()
         self.fxcache_state.reset()
         return self
 
     def extra_repr(self) -> str:
         c = self.fxcache_config
-        return f"branch={c.branch}, interval={c.interval}"
+        return f"branch={c.branch}, interval={c.interval}, compile={c.compile!r}"
 
-    # -- the step logic ------------------------------------------------------------------------------
+    # -- the step logic, all outside Dynamo -----------------------------------------------------------
     def reset(self) -> None:
         """Forget the cache; the next call starts a new generation and runs in full."""
         self.fxcache_state.reset()
@@ -158,16 +163,30 @@ class CachedModule(torch.nn.Module):
         program = self._programs.get(sig)
         if program is None:
             _warn_if_number_changed(sig, self._programs)
-            captured = capture(self.model, args, kwargs)
-            merge = select_branch(find_skip_merges(captured.gm), self.fxcache_config.branch, self.model)
-            full, shallow = split_at_branch(captured.gm, merge)
-            program = self._programs[sig] = _Program(captured, merge, full, shallow)
+            program = self._programs[sig] = self._build(args, kwargs)
         return program
 
-    def _next_step(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> bool:
+    def _build(self, args: tuple, kwargs: dict[str, Any]) -> _Program:
+        captured = capture(self.model, args, kwargs)
+        merge = select_branch(find_skip_merges(captured.gm), self.fxcache_config.branch, self.model)
+        deep = tensor_meta(merge.deep)
+        assert deep is not None, "a skip merge's deep input is always a tensor"
+        # Allocated once per signature, before any compile, and never reallocated: its address is
+        # what CUDA graphs record.
+        cache = torch.zeros(deep.shape, dtype=deep.dtype, device=deep.device)
+        full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
+        opts = compile_options(self.fxcache_config.compile, deep.device)
+        if opts is None:
+            return _Program(captured, merge, cache, full, shallow, cudagraphs=False)
+        return _Program(
+            captured, merge, cache, torch.compile(full, **opts), torch.compile(shallow, **opts),
+            cudagraphs=uses_cudagraphs(opts, deep.device),
+        )  # fmt: skip
+
+    def _is_full_step(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> bool:
         """Advance the state by one call; True when this call must run in full."""
         st = self.fxcache_state
-        new_generation = st.step < 0 or st.signature != sig or st.cache is None
+        new_generation = st.step < 0 or st.signature != sig
         external = self.step_source() if self.step_source is not None else None
         if external is not None:
             ext_new, step = external
@@ -181,15 +200,31 @@ class CachedModule(torch.nn.Module):
         st.step = step
         return new_generation or self.fxcache_config.schedule.is_full(step)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    @torch._dynamo.disable
+    def _plan(self, args: tuple, kwargs: dict[str, Any]) -> _Plan:
         leaves, sig = flatten_call(self.model, args, kwargs)
         program = self._program(sig, args, kwargs)
+        full = self._is_full_step(sig, args, kwargs)
         st = self.fxcache_state
-        if self._next_step(sig, args, kwargs):
-            *outputs, st.cache = program.full(*leaves)
-            st.signature = sig
-            st.full_steps += 1
+        if full:
+            st.signature, st.full_steps = sig, st.full_steps + 1
         else:
-            outputs = program.shallow(*leaves, st.cache)
             st.shallow_steps += 1
-        return program.captured.unflatten(outputs)
+        if program.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
+        return _Plan(program, leaves, full)
+
+    @torch._dynamo.disable
+    def _unflatten(self, plan: _Plan, outputs: Any) -> Any:
+        return plan.program.captured.unflatten(outputs)
+
+    # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
+    # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
+    @torch._dynamo.disable(recursive=False)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan(args, kwargs)
+        if plan.full:
+            outputs = plan.program.full(*plan.leaves)
+        else:
+            outputs = plan.program.shallow(*plan.leaves)
+        return self._unflatten(plan, outputs)

@@ -13,6 +13,7 @@ import torch
 
 from fxcache.config import CacheConfig
 from fxcache.capture import Signature
+from fxcache.compile import CompileSpec
 from fxcache.runtime import CachedModule, _Program
 
 __all__ = ["enable", "disable", "branch_from_deepcache_id"]
@@ -79,13 +80,14 @@ def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
     object.__setattr__(pipe, "unet", unet)
 
 
-def enable(pipe: Any, branch: int = 0, interval: int = 3) -> Any:
+def enable(pipe: Any, branch: int = 0, interval: int = 3, compile: CompileSpec = False) -> Any:
     """Make ``pipe.unet`` run DeepCache; returns ``pipe``.
 
     Step numbering follows the reference helper (``DeepCacheSDHelper``) exactly: a call's step is the
     position of its timestep's first occurrence in the scheduler's timesteps, counted from the
-    generation's first call. Calling ``enable`` again replaces the settings. ``pipe.config`` is left
-    untouched, and :func:`disable` puts the original UNet object back.
+    generation's first call, so no step reads the timestep tensor (no device sync per step).
+    ``compile`` is as in :func:`fxcache.transform`. Calling ``enable`` again replaces the settings.
+    ``pipe.config`` is left untouched, and :func:`disable` puts the original UNet object back.
 
     Example:
         >>> import fxcache
@@ -101,7 +103,7 @@ def enable(pipe: Any, branch: int = 0, interval: int = 3) -> Any:
             f"{type(pipe).__name__} has no .unet module to cache (found {type(unet).__name__}). "
             "fxcache.enable works on U-Net pipelines; for another model call fxcache.transform(model) directly."
         )
-    cached = _PipelineUNet(unet, CacheConfig(branch=branch, interval=interval), pipe)
+    cached = _PipelineUNet(unet, CacheConfig(branch=branch, interval=interval, compile=compile), pipe)
     _set_unet(pipe, cached)
     return pipe
 

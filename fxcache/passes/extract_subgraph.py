@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 import torch.fx as fx
 
-__all__ = ["extract_subgraph", "graph_outputs", "needed_nodes"]
+__all__ = ["extract_subgraph", "finish_graph", "graph_outputs", "needed_nodes"]
 
 
 def graph_outputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -66,12 +67,15 @@ def extract_subgraph(
         if n in keep and n not in env and n.op != "output":
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[o] for o in outputs))
-    return _finish(gm, graph)
+    return finish_graph(gm, graph, class_name=type(gm).__name__)
 
 
-def _finish(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
-    # The shared clean-up at the end of every graph edit.
+def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """The shared clean-up at the end of every graph edit: lint, bind attributes, recompile.
+
+    ``get_attr`` targets are taken from ``root`` by reference (tensors are shared, never copied).
+    """
     graph.lint()
-    out = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    out = fx.GraphModule(root, graph, class_name=class_name)
     out.recompile()
     return out

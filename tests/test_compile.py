@@ -1,0 +1,122 @@
+"""Compiled graphs (Inductor C++ on CPU): same numbers as the eager transform, one compile per graph.
+
+Compiling on a 2-core CPU is slow, so these tests use the small plain U-Net; the diffusers UNet gets
+one compiled generation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import fxcache
+from fxcache.compile import compile_options, uses_cudagraphs
+from tests import models
+
+pytestmark = pytest.mark.compile
+
+TIMESTEPS = [900.0, 800.0, 700.0, 600.0, 500.0]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _generations(cached: torch.nn.Module, x: torch.Tensor, n: int = 2) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for _ in range(n):
+            outs += [cached(x, torch.full((x.shape[0],), t)).clone() for t in TIMESTEPS]
+    return outs
+
+
+@pytest.fixture
+def no_recompiles():
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+
+
+class _CountingBackend:
+    """A torch.compile backend that records every graph Dynamo hands it, then lets Inductor compile it."""
+
+    def __init__(self) -> None:
+        self.graphs: list[int] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs.append(len(gm.graph.nodes))
+        return compile_fx(gm, example_inputs)
+
+
+def test_compiled_matches_eager_and_compiles_each_graph_once(no_recompiles) -> None:
+    model = models.PlainUNet("cat").eval()
+    x, _ = models.plain_inputs()
+    eager = _generations(fxcache.transform(model, branch=0, interval=3), x)
+    backend = _CountingBackend()
+    cached = fxcache.transform(model, branch=0, interval=3, compile={"backend": backend})
+    compiled = _generations(cached, x)
+    assert len(backend.graphs) == 2, f"one full and one shallow graph, compiled once each; got {backend.graphs}"
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert _rel_err(a, b) <= 1e-4, f"step {i}: compiled differs from eager by {_rel_err(a, b):.2e}"
+    assert cached.fxcache_state.full_steps == 4 and cached.fxcache_state.shallow_steps == 6
+
+
+def test_cache_buffer_is_static(no_recompiles) -> None:
+    model = models.PlainUNet("add").eval()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=1, interval=2, compile=True)
+    with torch.no_grad():
+        cached(x, torch.full((2,), 900.0))
+        (program,) = cached._programs.values()
+        buffer, ptr = program.cache, program.cache.data_ptr()
+        written = buffer.clone()
+        cached(x, torch.full((2,), 800.0))  # shallow: reads, does not write
+        assert torch.equal(buffer, written)
+        cached(x, torch.full((2,), 700.0))  # full: writes in place
+    assert program.cache is buffer and buffer.data_ptr() == ptr, "the cache is one buffer, never reallocated"
+    assert not torch.equal(buffer, written), "the full step writes the new deep feature into the same buffer"
+
+
+def test_users_own_torch_compile(no_recompiles) -> None:
+    model = models.PlainUNet("cat").eval()
+    x, _ = models.plain_inputs()
+    eager = _generations(fxcache.transform(model, branch=0, interval=3), x)
+    backend = _CountingBackend()
+    compiled = _generations(torch.compile(fxcache.transform(model, branch=0, interval=3), backend=backend), x)
+    assert len(backend.graphs) == 2, f"Dynamo should see exactly the two graphs, saw {backend.graphs}"
+    assert all(_rel_err(a, b) <= 1e-4 for a, b in zip(compiled, eager))
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_generation_close_to_eager(no_recompiles) -> None:
+    pipe = models.sd_pipeline()
+    fxcache.enable(pipe, branch=0, interval=3)
+    eager = models.generate(pipe, steps=6)
+    fxcache.enable(pipe, branch=0, interval=3, compile=True)
+    compiled = [models.generate(pipe, steps=6) for _ in range(2)]  # two generations, no recompiles
+    fxcache.disable(pipe)
+    for out in compiled:
+        assert _rel_err(out, eager) <= 1e-4
+
+
+def test_compile_option_validation() -> None:
+    with pytest.raises(ValueError, match="compile='fastest' is not a torch.compile mode"):
+        fxcache.transform(models.PlainUNet(), compile="fastest")
+    with pytest.raises(ValueError, match="has keys torch.compile does not take: nonsense"):
+        fxcache.transform(models.PlainUNet(), compile={"nonsense": 1})
+    with pytest.raises(TypeError, match="compile must be"):
+        fxcache.transform(models.PlainUNet(), compile=3)  # type: ignore[arg-type]
+
+
+def test_default_modes_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_options(True, cpu) == {"fullgraph": True, "dynamic": False}
+    assert compile_options(True, cuda)["mode"] == "reduce-overhead" and uses_cudagraphs(compile_options(True, cuda), cuda)
+    assert compile_options("max-autotune", cuda)["mode"] == "max-autotune"
+    assert not uses_cudagraphs(compile_options("max-autotune-no-cudagraphs", cuda), cuda)
+    assert compile_options({"mode": "reduce-overhead", "dynamic": False}, cpu) == {
+        "mode": "reduce-overhead", "dynamic": False, "fullgraph": True,
+    }  # fmt: skip
+    assert compile_options(False, cuda) is None
