@@ -17,7 +17,7 @@ from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.explain import Branch, BranchTable, explain
 from fxcache.runtime import CachedModule
-from fxcache.schedule import Schedule, uniform
+from fxcache.schedule import Schedule, ScheduleLike, full_steps, nonuniform, uniform
 
 __all__ = [
     "Branch",
@@ -29,6 +29,8 @@ __all__ = [
     "disable",
     "enable",
     "explain",
+    "full_steps",
+    "nonuniform",
     "transform",
     "uniform",
 ]
@@ -36,11 +38,18 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def enable(pipe: Any, branch: int = 0, interval: int = 3, compile: CompileSpec = False) -> Any:
+def enable(
+    pipe: Any,
+    branch: int = 0,
+    interval: int | None = None,
+    *,
+    schedule: ScheduleLike | None = None,
+    compile: CompileSpec = False,
+) -> Any:
     """Run a diffusers pipeline's UNet with DeepCache; see :func:`fxcache.adapters.diffusers.enable`."""
     from fxcache.adapters.diffusers import enable as _enable  # keeps `import fxcache` free of diffusers
 
-    return _enable(pipe, branch=branch, interval=interval, compile=compile)
+    return _enable(pipe, branch=branch, interval=interval, schedule=schedule, compile=compile)
 
 
 def disable(pipe: Any) -> Any:

@@ -7,36 +7,48 @@ import torch
 from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.runtime import CachedModule
+from fxcache.schedule import ScheduleLike
 
 __all__ = ["transform"]
 
 
 def transform(
-    model: torch.nn.Module, branch: int = 0, interval: int = 3, compile: CompileSpec = False
+    model: torch.nn.Module,
+    branch: int = 0,
+    interval: int | None = None,
+    *,
+    schedule: ScheduleLike | None = None,
+    total_steps: int | None = None,
+    compile: CompileSpec = False,
 ) -> CachedModule:
-    """Make ``model`` run DeepCache: every ``interval``-th call in full, the others shallow.
+    """Make ``model`` run DeepCache: full steps on a schedule, shallow steps in between.
 
     The model is captured as one graph at its first call (and again for each new input
     signature), cut at skip connection ``branch`` (0 = shallowest; see :func:`fxcache.explain`),
     and run as a full graph that also stores the deep feature and a shallow graph that reads it.
 
     ``model`` is not modified and its weights are shared, not copied: in-place updates to it show
-    in the next call. Within a generation, call ``i`` is full iff ``i % interval == 0``; a new
-    generation starts at the first call, after ``.reset()``, when the timestep (second positional
-    argument or ``timestep=``) rises, and when the input shapes, dtypes or devices change.
+    in the next call. With ``interval=N`` (default 3), call ``i`` of a generation is full iff
+    ``i % N == 0``. A new generation starts at the first call, after ``.reset()``, when the timestep
+    (second positional argument or ``timestep=``) rises, and when the input shapes, dtypes or devices
+    change; a bare module counts its calls, :func:`fxcache.enable` numbers them as the pipeline does.
 
     Args:
         model: any module whose forward is a U-Net-like network with long skip connections.
         branch: which skip to cut; checked against the model at the first call.
-        interval: the uniform schedule's N (1 = no caching).
+        interval: the uniform schedule's N (1 = no caching). Shorthand for ``schedule=fxcache.uniform(N)``.
+        schedule: another schedule: ``fxcache.nonuniform(N, center, power)``, ``fxcache.full_steps([...])``
+            or a function ``(step, total) -> bool``. Step 0 is always full.
+        total_steps: steps per generation, for schedules that need it (``nonuniform``).
         compile: compile the full and shallow graphs with torch.compile (Inductor): ``True`` for the
             default mode per device (``"reduce-overhead"``, i.e. CUDA graphs, on CUDA), a mode name,
             or a dict of torch.compile arguments. Wrapping the result in your own ``torch.compile``
             also works: the step logic stays out of Dynamo and the two graphs are compiled once each.
 
     Raises:
-        ValueError: ``branch < 0``, ``interval < 1`` or an unknown compile mode (now); ``branch`` too large or no skip
-            connection (at the first call).
+        ValueError: now, for ``branch < 0``, ``interval < 1``, both ``interval`` and ``schedule``, a
+            schedule that needs ``total_steps`` without it, or an unknown compile mode; at the first
+            call, for a ``branch`` beyond the model's skips or a model with no skip connection.
         fxcache.CaptureError: the model cannot be captured as one graph (at the first call).
 
     Example:
@@ -55,4 +67,10 @@ def transform(
         >>> torch.equal(outs[0], net(x, torch.tensor(3.0)))  # step 0 is full: exact
         True
     """
-    return CachedModule(model, CacheConfig(branch=branch, interval=interval, compile=compile))
+    config = CacheConfig(branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile)
+    if config.steps_schedule.needs_total and total_steps is None:
+        raise ValueError(
+            f"{config.steps_schedule!r} needs the number of denoising steps: pass total_steps= to "
+            "fxcache.transform, or use fxcache.enable(pipe, ...), which reads it from the pipeline's scheduler"
+        )
+    return CachedModule(model, config)

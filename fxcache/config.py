@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxcache.compile import CompileSpec, check_compile_spec
-from fxcache.schedule import Schedule, uniform
+from fxcache.schedule import Schedule, ScheduleLike, as_schedule, uniform
 
 __all__ = ["CacheConfig"]
 
@@ -17,14 +17,19 @@ class CacheConfig:
     Attributes:
         branch: which skip connection to cut, 0 being the shallowest. Its upper bound depends on the
             model and is checked when the model is first captured.
-        interval: the uniform schedule's N: every N-th step of a generation is full.
+        interval: the uniform schedule's N: every N-th step of a generation is full. Default 3 when
+            no ``schedule`` is given.
+        schedule: any other schedule (``fxcache.nonuniform(...)``, ``fxcache.full_steps([...])``, or a
+            function ``(step, total) -> bool``); mutually exclusive with ``interval``.
+        total_steps: the number of steps in a generation, for schedules that need it when there is no
+            pipeline to read it from.
         compile: compile the full and shallow graphs with torch.compile: ``True`` (default mode per
             device: CUDA graphs on CUDA), a mode name (``"max-autotune"``) or a dict of torch.compile
             arguments. ``False``/``None`` runs them eagerly.
 
     Example:
-        >>> CacheConfig(branch=0, interval=3).schedule.is_full(3)
-        True
+        >>> CacheConfig(branch=0, interval=3).steps_schedule
+        Uniform(interval=3)
         >>> CacheConfig(branch=-1)
         Traceback (most recent call last):
         ...
@@ -32,7 +37,9 @@ class CacheConfig:
     """
 
     branch: int = 0
-    interval: int = 3
+    interval: int | None = None
+    schedule: ScheduleLike | None = None
+    total_steps: int | None = None
     compile: CompileSpec = False
 
     def __post_init__(self) -> None:
@@ -42,10 +49,20 @@ class CacheConfig:
             raise ValueError(
                 f"branch={self.branch} is out of range: branches are numbered from 0 (the shallowest skip connection)"
             )
-        uniform(self.interval)  # validates interval with the schedule's own message
+        if self.interval is not None and self.schedule is not None:
+            raise ValueError(
+                f"give either interval={self.interval} or schedule={self.schedule!r}, not both: "
+                "interval=N is shorthand for schedule=fxcache.uniform(N)"
+            )
+        self.steps_schedule  # builds (and so validates) the schedule
+        if self.total_steps is not None:
+            if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
+                raise ValueError(f"total_steps={self.total_steps!r} is invalid: it must be an int >= 1")
         check_compile_spec(self.compile)
 
     @property
-    def schedule(self) -> Schedule:
-        """The schedule this config stands for."""
-        return uniform(self.interval)
+    def steps_schedule(self) -> Schedule:
+        """The schedule in force: ``schedule`` as a :class:`Schedule`, else ``uniform(interval or 3)``."""
+        if self.schedule is not None:
+            return as_schedule(self.schedule)
+        return uniform(3 if self.interval is None else self.interval)

@@ -21,10 +21,18 @@ from fxcache.config import CacheConfig
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import tensor_meta
 
-__all__ = ["CachedModule", "CacheState", "StepSource", "select_branch"]
+__all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource", "select_branch"]
 
-# Supplies (new_generation, step) for the next call, or None to fall back to the module's own rule.
-StepSource = Callable[[], "tuple[bool, int] | None"]
+class StepInfo(NamedTuple):
+    """What a step source knows about the next call."""
+
+    new_generation: bool
+    step: int  # index within the generation, 0-based
+    total: int | None  # steps in this generation, when known
+
+
+# Supplies the StepInfo for the next call, or None to fall back to the module's own rule.
+StepSource = Callable[[], "StepInfo | None"]
 
 
 @dataclass
@@ -152,7 +160,7 @@ class CachedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         c = self.fxcache_config
-        return f"branch={c.branch}, interval={c.interval}, compile={c.compile!r}"
+        return f"branch={c.branch}, schedule={c.steps_schedule!r}, compile={c.compile!r}"
 
     # -- the step logic, all outside Dynamo -----------------------------------------------------------
     def reset(self) -> None:
@@ -187,10 +195,12 @@ class CachedModule(torch.nn.Module):
         """Advance the state by one call; True when this call must run in full."""
         st = self.fxcache_state
         new_generation = st.step < 0 or st.signature != sig
+        total = self.fxcache_config.total_steps
         external = self.step_source() if self.step_source is not None else None
         if external is not None:
-            ext_new, step = external
-            new_generation = new_generation or ext_new
+            new_generation = new_generation or external.new_generation
+            step = external.step
+            total = external.total if external.total is not None else total
         else:
             t = _timestep_value(args, kwargs)
             if t is not None and st.last_timestep is not None and t > st.last_timestep:
@@ -198,7 +208,7 @@ class CachedModule(torch.nn.Module):
             st.last_timestep = t
             step = 0 if new_generation else st.step + 1
         st.step = step
-        return new_generation or self.fxcache_config.schedule.is_full(step)
+        return new_generation or self.fxcache_config.steps_schedule.is_full(step, total)
 
     @torch._dynamo.disable
     def _plan(self, args: tuple, kwargs: dict[str, Any]) -> _Plan:

@@ -249,9 +249,23 @@ def sdxl_inputs(batch: int = 2, size: int = 16, t: int = 500, seed: int = 1) -> 
     return args, kwargs
 
 
-def generate(pipe: Any, steps: int = 10, seed: int = 0, images: int = 1, size: int = 16) -> torch.Tensor:
-    """One whole generation with classifier-free guidance, returning latents."""
+def generate(
+    pipe: Any, steps: int = 10, seed: int = 0, images: int = 1, size: int = 16, guidance: float = 7.5, **extra: Any
+) -> torch.Tensor:
+    """One whole generation (classifier-free guidance unless ``guidance=1``), returning latents.
+
+    Pipelines that start from an image (img2img, inpainting) get a fixed random image, mask and
+    ``strength=0.6`` unless ``extra`` says otherwise.
+    """
     g = torch.Generator().manual_seed(seed + 100)
+    name = type(pipe).__name__
+    if "Img2Img" in name or "Inpaint" in name:
+        extra.setdefault("image", torch.rand(1, 3, size, size, generator=g))
+        extra.setdefault("strength", 0.6)
+    if "Inpaint" in name:
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+        extra.setdefault("mask_image", mask)
     kwargs: dict[str, Any] = {
         "prompt_embeds": torch.randn(1, 7, CROSS_DIM, generator=g),
         "negative_prompt_embeds": torch.randn(1, 7, CROSS_DIM, generator=g),
@@ -265,6 +279,79 @@ def generate(pipe: Any, steps: int = 10, seed: int = 0, images: int = 1, size: i
         width=size,
         num_inference_steps=steps,
         num_images_per_prompt=images,
+        guidance_scale=guidance,
         output_type="latent",
         generator=torch.Generator().manual_seed(seed),
+        **extra,
     ).images
+
+
+def pndm() -> Any:
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+
+
+def heun() -> Any:
+    from diffusers import HeunDiscreteScheduler
+
+    return HeunDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def sd_img2img_pipeline(scheduler: Any = None) -> Any:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(**sd_pipeline(scheduler=scheduler).components)
+
+
+def sd_inpaint_pipeline() -> Any:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    torch.manual_seed(0)
+    unet = sd_unet()
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
+    pipe = StableDiffusionInpaintPipeline(**sd_pipeline(unet=unet).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_img2img_pipeline() -> Any:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(**sdxl_pipeline().components, requires_aesthetics_score=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def svd_unet(seed: int = 0) -> Any:
+    """Stable Video Diffusion's UNetSpatioTemporalConditionModel, tiny."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(seed)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=16,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24,
+        layers_per_block=2,
+        cross_attention_dim=32,
+        num_attention_heads=(2, 4),
+        num_frames=3,
+    ).eval()
+
+
+def svd_inputs(batch: int = 1, frames: int = 3, size: int = 16, t: float = 500.0, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, frames, 8, size, size, generator=g)
+    emb = torch.randn(batch, 1, 32, generator=g)
+    added = torch.tensor([[6.0, 127.0, 0.02]] * batch)
+    return (sample, torch.tensor(t)), {"encoder_hidden_states": emb, "added_time_ids": added}

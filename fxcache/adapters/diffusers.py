@@ -14,7 +14,8 @@ import torch
 from fxcache.config import CacheConfig
 from fxcache.capture import Signature
 from fxcache.compile import CompileSpec
-from fxcache.runtime import CachedModule, _Program
+from fxcache.runtime import CachedModule, StepInfo, _Program
+from fxcache.schedule import ScheduleLike
 
 __all__ = ["enable", "disable", "branch_from_deepcache_id"]
 
@@ -36,7 +37,7 @@ class _SchedulerSteps:
         self._begin = 0
         self._calls = 0
 
-    def __call__(self) -> tuple[bool, int] | None:
+    def __call__(self) -> StepInfo | None:
         pipe = self._pipe()
         scheduler = getattr(pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
@@ -51,9 +52,10 @@ class _SchedulerSteps:
             self._timesteps = timesteps
         pos = self._begin + self._calls
         self._calls += 1
+        total = max(len(self._first) - self._begin, 1)  # the denoising calls this generation makes
         if pos >= len(self._first) or self._begin >= len(self._first):
-            return new, pos - self._begin  # more calls than timesteps: count calls
-        return new, self._first[pos] - self._first[self._begin]
+            return StepInfo(new, pos - self._begin, total)  # more calls than timesteps: count calls
+        return StepInfo(new, self._first[pos] - self._first[self._begin], total)
 
 
 class _PipelineUNet(CachedModule):
@@ -80,13 +82,23 @@ def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
     object.__setattr__(pipe, "unet", unet)
 
 
-def enable(pipe: Any, branch: int = 0, interval: int = 3, compile: CompileSpec = False) -> Any:
+def enable(
+    pipe: Any,
+    branch: int = 0,
+    interval: int | None = None,
+    *,
+    schedule: ScheduleLike | None = None,
+    compile: CompileSpec = False,
+) -> Any:
     """Make ``pipe.unet`` run DeepCache; returns ``pipe``.
 
     Step numbering follows the reference helper (``DeepCacheSDHelper``) exactly: a call's step is the
     position of its timestep's first occurrence in the scheduler's timesteps, counted from the
-    generation's first call, so no step reads the timestep tensor (no device sync per step).
-    ``compile`` is as in :func:`fxcache.transform`. Calling ``enable`` again replaces the settings.
+    generation's first call. Unlike the reference, which reads the timestep tensor every step (a
+    device sync), fxcache reads the scheduler's timesteps once per generation and counts calls.
+    A schedule that needs the number of steps (``nonuniform``) gets the number of denoising calls
+    the pipeline will make. ``interval``, ``schedule`` and ``compile`` are as in
+    :func:`fxcache.transform`. Calling ``enable`` again replaces the settings.
     ``pipe.config`` is left untouched, and :func:`disable` puts the original UNet object back.
 
     Example:
@@ -103,7 +115,8 @@ def enable(pipe: Any, branch: int = 0, interval: int = 3, compile: CompileSpec =
             f"{type(pipe).__name__} has no .unet module to cache (found {type(unet).__name__}). "
             "fxcache.enable works on U-Net pipelines; for another model call fxcache.transform(model) directly."
         )
-    cached = _PipelineUNet(unet, CacheConfig(branch=branch, interval=interval, compile=compile), pipe)
+    config = CacheConfig(branch=branch, interval=interval, schedule=schedule, compile=compile)
+    cached = _PipelineUNet(unet, config, pipe)
     _set_unet(pipe, cached)
     return pipe
 
