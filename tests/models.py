@@ -105,19 +105,22 @@ def plain_inputs(batch: int = 2, size: int = 16, t: float = 500.0) -> tuple[torc
 CROSS_DIM = 32
 
 
-def sd_unet(layers_per_block: int = 2, seed: int = 0) -> Any:
-    """SD1.x-like: 4 down blocks (3 with cross-attention), 2 layers each -> 12 skips."""
+def sd_unet(layers_per_block: int = 2, seed: int = 0, blocks: int = 4) -> Any:
+    """SD1.x-like: 4 down blocks (all but the last with cross-attention), 2 layers each -> 12 skips.
+
+    ``blocks=2`` gives a smaller graph for the tests that compile it.
+    """
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=(32, 32, 64, 64)[-blocks:],
         layers_per_block=layers_per_block,
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        down_block_types=("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (blocks - 1),
         cross_attention_dim=CROSS_DIM,
         attention_head_dim=8,
         norm_num_groups=8,
