@@ -9,15 +9,13 @@ Importing fxcache imports neither diffusers nor CUDA.
 
 from __future__ import annotations
 
-from typing import Any
-
+from fxcache.adapters.diffusers import disable, enable  # duck-typed: does not import diffusers
 from fxcache.api import transform
-from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.explain import Branch, BranchTable, explain
 from fxcache.runtime import CachedModule
-from fxcache.schedule import Schedule, ScheduleLike, full_steps, nonuniform, uniform
+from fxcache.schedule import Schedule, full_steps, nonuniform, uniform
 
 __all__ = [
     "Branch",
@@ -36,24 +34,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-
-def enable(
-    pipe: Any,
-    branch: int = 0,
-    interval: int | None = None,
-    *,
-    schedule: ScheduleLike | None = None,
-    compile: CompileSpec = False,
-) -> Any:
-    """Run a diffusers pipeline's UNet with DeepCache; see :func:`fxcache.adapters.diffusers.enable`."""
-    from fxcache.adapters.diffusers import enable as _enable  # keeps `import fxcache` free of diffusers
-
-    return _enable(pipe, branch=branch, interval=interval, schedule=schedule, compile=compile)
-
-
-def disable(pipe: Any) -> Any:
-    """Put a pipeline's original UNet back; see :func:`fxcache.adapters.diffusers.disable`."""
-    from fxcache.adapters.diffusers import disable as _disable
-
-    return _disable(pipe)

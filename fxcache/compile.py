@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 __all__ = ["CompileSpec", "check_compile_spec", "compile_options", "uses_cudagraphs"]
 
-CompileSpec = Union[bool, str, Mapping[str, Any], None]
+CompileSpec = bool | str | Mapping[str, Any] | None
 
 # torch.compile's own keyword arguments, minus the model.
 _COMPILE_KWARGS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options", "disable"})

@@ -54,7 +54,7 @@ class CacheConfig:
                 f"give either interval={self.interval} or schedule={self.schedule!r}, not both: "
                 "interval=N is shorthand for schedule=fxcache.uniform(N)"
             )
-        self.steps_schedule  # builds (and so validates) the schedule
+        _ = self.steps_schedule  # builds (and so validates) the schedule
         if self.total_steps is not None:
             if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
                 raise ValueError(f"total_steps={self.total_steps!r} is invalid: it must be an int >= 1")

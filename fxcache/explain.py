@@ -71,7 +71,7 @@ class BranchTable(list):  # list[Branch] that prints as a table
             for b in self
         ]  # fmt: skip
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("N=k: predicted speedup with one full step every k steps, from FLOPs alone.")
         return "\n".join(lines)

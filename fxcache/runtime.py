@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.fx as fx
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
 from fxcache.compile import compile_options, uses_cudagraphs
@@ -22,6 +21,7 @@ from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split
 from fxcache.predicates import tensor_meta
 
 __all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource", "select_branch"]
+
 
 class StepInfo(NamedTuple):
     """What a step source knows about the next call."""

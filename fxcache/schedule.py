@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Union
 
 __all__ = [
     "CallableSchedule",
@@ -190,13 +189,13 @@ class CallableSchedule(Schedule):
         [0, 1, 4, 8]
     """
 
-    fn: Callable[[int, Union[int, None]], bool]
+    fn: Callable[[int, int | None], bool]
 
     def is_full(self, step: int, total: int | None = None) -> bool:
         return step == 0 or bool(self.fn(step, total))
 
 
-ScheduleLike = Union[Schedule, Callable[[int, Union[int, None]], bool]]
+ScheduleLike = Schedule | Callable[[int, int | None], bool]
 
 _NEEDS_TOTAL = (
     "{0!r} needs the number of denoising steps: pass total_steps= to fxcache.transform, or use "

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxcache.demo import tiny_vae  # the same one-block VAE the demo uses
+
 
 class ResBlock(nn.Module):
     """A residual block: its addition is *not* a long skip."""
@@ -169,21 +171,6 @@ def unet2d(seed: int = 0) -> Any:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=8,
-    ).eval()
-
-
-def tiny_vae() -> Any:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(32,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=8,
     ).eval()
 
 

@@ -58,7 +58,7 @@ def test_compiled_matches_eager_and_compiles_each_graph_once(no_recompiles) -> N
     cached = fxcache.transform(model, branch=0, interval=3, compile={"backend": backend})
     compiled = _generations(cached, x)
     assert len(backend.graphs) == 2, f"one full and one shallow graph, compiled once each; got {backend.graphs}"
-    for i, (a, b) in enumerate(zip(compiled, eager)):
+    for i, (a, b) in enumerate(zip(compiled, eager, strict=True)):
         assert _rel_err(a, b) <= 1e-4, f"step {i}: compiled differs from eager by {_rel_err(a, b):.2e}"
     assert cached.fxcache_state.full_steps == 4 and cached.fxcache_state.shallow_steps == 6
 
@@ -86,7 +86,7 @@ def test_users_own_torch_compile(no_recompiles) -> None:
     backend = _CountingBackend()
     compiled = _generations(torch.compile(fxcache.transform(model, branch=0, interval=3), backend=backend), x)
     assert len(backend.graphs) == 2, f"Dynamo should see exactly the two graphs, saw {backend.graphs}"
-    assert all(_rel_err(a, b) <= 1e-4 for a, b in zip(compiled, eager))
+    assert all(_rel_err(a, b) <= 1e-4 for a, b in zip(compiled, eager, strict=True))
 
 
 @pytest.mark.slow
@@ -113,7 +113,8 @@ def test_compile_option_validation() -> None:
 def test_default_modes_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_options(True, cpu) == {"fullgraph": True, "dynamic": False}
-    assert compile_options(True, cuda)["mode"] == "reduce-overhead" and uses_cudagraphs(compile_options(True, cuda), cuda)
+    assert compile_options(True, cuda)["mode"] == "reduce-overhead"
+    assert uses_cudagraphs(compile_options(True, cuda), cuda)
     assert compile_options("max-autotune", cuda)["mode"] == "max-autotune"
     assert not uses_cudagraphs(compile_options("max-autotune-no-cudagraphs", cuda), cuda)
     assert compile_options({"mode": "reduce-overhead", "dynamic": False}, cpu) == {

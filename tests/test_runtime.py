@@ -21,7 +21,7 @@ def test_interval_one_is_the_original(merge: str) -> None:
     x, _ = models.plain_inputs()
     ts = [900.0, 700.0, 500.0, 300.0]
     outs = _run(fxcache.transform(model, branch=0, interval=1), x, ts)
-    for t, out in zip(ts, outs):
+    for t, out in zip(ts, outs, strict=True):
         assert torch.equal(out, model(x, torch.full((2,), t))), f"interval=1 must be exact at t={t}"
 
 
@@ -45,7 +45,7 @@ def test_uniform_schedule_and_stale_cache() -> None:
     outs = _run(cached, x, ts)
     st = cached.fxcache_state
     assert (st.full_steps, st.shallow_steps) == (3, 4), "steps 0, 3, 6 full"
-    for i, (t, out) in enumerate(zip(ts, outs)):
+    for i, (t, out) in enumerate(zip(ts, outs, strict=True)):
         exact = torch.equal(out, model(x, torch.full((2,), t)))
         assert exact == (i % 3 == 0), f"step {i}: full steps are exact, cached steps differ"
 

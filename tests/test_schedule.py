@@ -59,7 +59,7 @@ def test_transform_follows_an_explicit_schedule() -> None:
     cached = fxcache.transform(model, branch=0, schedule=fxcache.full_steps([0, 1, 4]))
     ts = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0]
     outs = [cached(x, torch.full((2,), t)) for t in ts]
-    full = [torch.equal(o, model(x, torch.full((2,), t))) for o, t in zip(outs, ts)]
+    full = [torch.equal(o, model(x, torch.full((2,), t))) for o, t in zip(outs, ts, strict=True)]
     assert full == [True, True, False, False, True, False]
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from fxcache.config import CacheConfig
 from fxcache.capture import Signature
 from fxcache.compile import CompileSpec
+from fxcache.config import CacheConfig
 from fxcache.runtime import CachedModule, StepInfo, _Program
 from fxcache.schedule import ScheduleLike
 
