@@ -115,6 +115,18 @@ def _warn_if_number_changed(sig: Signature, known: dict[Signature, _Program]) ->
                 return
 
 
+def _step_info(value: object) -> StepInfo | None:
+    # A step source may return StepInfo or a plain (new_generation, step[, total]) tuple.
+    if value is None or isinstance(value, StepInfo):
+        return value
+    if isinstance(value, tuple) and len(value) in (2, 3):
+        return StepInfo(*value) if len(value) == 3 else StepInfo(value[0], value[1], None)
+    raise TypeError(
+        f"step_source must return fxcache.runtime.StepInfo(new_generation, step, total), a "
+        f"(new_generation, step[, total]) tuple, or None; got {value!r}"
+    )
+
+
 def _timestep_value(args: tuple, kwargs: dict[str, Any]) -> float | None:
     # The diffusion convention: the timestep is the second positional argument or `timestep=`.
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -196,7 +208,7 @@ class CachedModule(torch.nn.Module):
         st = self.fxcache_state
         new_generation = st.step < 0 or st.signature != sig
         total = self.fxcache_config.total_steps
-        external = self.step_source() if self.step_source is not None else None
+        external = _step_info(self.step_source() if self.step_source is not None else None)
         if external is not None:
             new_generation = new_generation or external.new_generation
             step = external.step

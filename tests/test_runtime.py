@@ -147,3 +147,17 @@ def test_python_number_timestep_warns_about_recapture() -> None:
     with pytest.warns(UserWarning, match="pass values that change between calls, such as the timestep, as tensors"):
         out = cached(x, 800.0)
     assert torch.equal(out, model(x, torch.full((2,), 800.0))), "a new signature starts with a full step"
+
+
+def test_step_source_drives_the_schedule() -> None:
+    model = models.PlainUNet().eval()
+    x, t = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=2)
+    steps = iter([(True, 0), (False, 1), (False, 2, 10), (False, 3)])
+    cached.step_source = lambda: next(steps)
+    for _ in range(4):
+        cached(x, t)
+    assert (cached.fxcache_state.full_steps, cached.fxcache_state.shallow_steps) == (2, 2)
+    cached.step_source = lambda: "step 3"
+    with pytest.raises(TypeError, match="step_source must return"):
+        cached(x, t)
