@@ -65,6 +65,7 @@ class _Plan(NamedTuple):
     program: _Program
     leaves: list[Any]
     full: bool
+    signature: Signature
 
 
 def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) -> SkipMerge:
@@ -229,15 +230,18 @@ class CachedModule(torch.nn.Module):
         full = self._is_full_step(sig, args, kwargs)
         st = self.fxcache_state
         if full:
-            st.signature, st.full_steps = sig, st.full_steps + 1
+            st.signature = None  # the buffer is being rewritten: valid again once the full graph ran
+            st.full_steps += 1
         else:
             st.shallow_steps += 1
         if program.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
-        return _Plan(program, leaves, full)
+        return _Plan(program, leaves, full, sig)
 
     @torch._dynamo.disable
-    def _unflatten(self, plan: _Plan, outputs: Any) -> Any:
+    def _finish(self, plan: _Plan, outputs: Any) -> Any:
+        if plan.full:
+            self.fxcache_state.signature = plan.signature  # the cache now holds this signature's feature
         return plan.program.captured.unflatten(outputs)
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
@@ -249,4 +253,4 @@ class CachedModule(torch.nn.Module):
             outputs = plan.program.full(*plan.leaves)
         else:
             outputs = plan.program.shallow(*plan.leaves)
-        return self._unflatten(plan, outputs)
+        return self._finish(plan, outputs)
