@@ -22,8 +22,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from fxcache.errors import CaptureError
+from fxcache.passes.extract_subgraph import finish_graph
 
-__all__ = ["Captured", "Signature", "capture", "flatten_call", "rebind"]
+__all__ = ["Captured", "Signature", "capture", "flatten_call"]
 
 
 @dataclass(frozen=True)
@@ -147,20 +148,5 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> C
         new.meta = dict(node.meta)
         env[node] = new
 
-    gm = fx.GraphModule(attrs, graph, class_name=f"Captured{type(model).__name__}")
-    gm.graph.lint()
-    gm.recompile()
+    gm = finish_graph(attrs, graph, class_name=f"Captured{type(model).__name__}")
     return Captured(gm=gm, out_spec=ep.call_spec.out_spec, attr_fqns=attr_fqns)
-
-
-def rebind(gm: fx.GraphModule, attr_fqns: Mapping[str, str], model: torch.nn.Module) -> None:
-    """Point ``gm``'s ``get_attr`` tensors at ``model``'s current parameters and buffers.
-
-    Needed after ``model.to(...)`` and friends, which may replace buffer objects.
-    """
-    live: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    live.update(model.named_buffers(remove_duplicate=False))
-    for name, fqn in attr_fqns.items():
-        if hasattr(gm, name) and fqn in live:
-            gm._parameters.pop(name, None)  # a plain tensor may not replace a registered Parameter
-            setattr(gm, name, live[fqn])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from fxcache.compile import CompileSpec, check_compile_spec
 from fxcache.schedule import Schedule, ScheduleLike, as_schedule, uniform
@@ -60,7 +61,7 @@ class CacheConfig:
                 raise ValueError(f"total_steps={self.total_steps!r} is invalid: it must be an int >= 1")
         check_compile_spec(self.compile)
 
-    @property
+    @cached_property  # asked at every step: build it once (replace() makes a new config)
     def steps_schedule(self) -> Schedule:
         """The schedule in force: ``schedule`` as a :class:`Schedule`, else ``uniform(interval or 3)``."""
         if self.schedule is not None:

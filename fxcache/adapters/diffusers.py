@@ -53,7 +53,7 @@ class _SchedulerSteps:
         pos = self._begin + self._calls
         self._calls += 1
         total = max(len(self._first) - self._begin, 1)  # the denoising calls this generation makes
-        if pos >= len(self._first) or self._begin >= len(self._first):
+        if pos >= len(self._first):  # pos >= begin, so this also covers begin beyond the timesteps
             return StepInfo(new, pos - self._begin, total)  # more calls than timesteps: count calls
         return StepInfo(new, self._first[pos] - self._first[self._begin], total)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -70,10 +71,11 @@ def extract_subgraph(
     return finish_graph(gm, graph, class_name=type(gm).__name__)
 
 
-def finish_graph(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+def finish_graph(root: torch.nn.Module | Mapping[str, Any], graph: fx.Graph, class_name: str) -> fx.GraphModule:
     """The shared clean-up at the end of every graph edit: lint, bind attributes, recompile.
 
-    ``get_attr`` targets are taken from ``root`` by reference (tensors are shared, never copied).
+    ``get_attr`` targets are taken from ``root`` (a module or a name -> tensor mapping) by reference:
+    tensors are shared, never copied.
     """
     graph.lint()
     out = fx.GraphModule(root, graph, class_name=class_name)
