@@ -76,7 +76,7 @@ from bench_core import _fmt, _jsonable, _table, machine  # noqa: E402
 import fxcache  # noqa: E402
 from fxcache.adapters.diffusers import branch_from_deepcache_id  # noqa: E402
 from fxcache.compile import uses_cudagraphs  # noqa: E402
-from fxcache.demo import (  # noqa: E402
+from fxcache.sd15 import (  # noqa: E402
     _SD15_UNET_CONFIG,
     LATENT_FACTOR,
     SD15_TEXT_DIM,
@@ -92,6 +92,15 @@ PLAIN_EAGER, PLAIN_COMPILED = "plain eager", "plain compiled"
 HELPER, FX_EAGER, FX_COMPILED = "DeepCacheSDHelper", "fxcache eager", "fxcache compiled"
 METHODS = (PLAIN_EAGER, PLAIN_COMPILED, HELPER, FX_EAGER, FX_COMPILED)
 CACHED_METHODS = (HELPER, FX_EAGER, FX_COMPILED)
+
+# Schedules fxcache can be measured with (--schedules). "uniform" is interval=N (the helper's only schedule);
+# the other two are the paper's non-uniform 1:N schedule with its authors' settings (center 15 of 50 steps,
+# power 1.4) scaled to the scenario's steps: as the reference code computes it, and as Eq. 7 reads literally.
+SCHEDULES: dict[str, Callable[[int, int], fxcache.Schedule]] = {
+    "uniform": lambda n, steps: fxcache.uniform(n),
+    "nonuniform": lambda n, steps: fxcache.nonuniform(n, center=0.3 * steps, power=1.4),
+    "eq7": lambda n, steps: fxcache.nonuniform(n, center=0.3 * steps, power=1.4, reference=False),
+}
 
 # Issue 3's GPU targets, all for fxcache compiled at N=5, branch 0.
 GPU_TARGET_N, GPU_TARGET_BRANCH, GPU_TARGET_SIZE = 5, 0, 512
@@ -126,6 +135,9 @@ DEFINITIONS = {
     "Dynamo, Inductor, CUDA-graph recording); for fxcache paid once per branch and shared by every N",
     "psnr_db": "the first timed generation's latents against plain eager's (peak = the reference's range; "
     "inf = identical)",
+    "schedule": "fxcache rows named '... nonuniform' or '... eq7' run the paper's non-uniform 1:N schedule (center "
+    "0.3 * steps, power 1.4; 'nonuniform' as the reference code computes it, 'eq7' as the paper's Eq. 7 reads) with "
+    "the same graphs as the uniform row of that engine and branch; N sets the number of full steps, ceil(steps / N)",
 }
 
 
@@ -147,6 +159,7 @@ class Scenario:
     gen_reps: int = 3  # timed generations per method, N and branch (median reported)
     seed: int = 0
     budget_s: float | None = None  # skip the remaining branches when the next would end past this
+    schedules: tuple[str, ...] = ("uniform",)  # keys of SCHEDULES measured for fxcache; uniform always
 
     @property
     def latent(self) -> int:
@@ -182,8 +195,9 @@ class Scenario:
     def name(self) -> str:
         n = "-".join(map(str, self.intervals))
         b = "-".join(map(str, self.branches))
+        extra = "".join(f"_{k}" for k in self.schedules if k != "uniform")
         return (f"compile_{self.model}_{self.size}px_b{self.batch}_{self.dtype}_{self.steps}steps_N{n}_br{b}_"
-                f"{self.device}_{self.compile_label}")  # fmt: skip
+                f"{self.device}_{self.compile_label}{extra}")  # fmt: skip
 
 
 def default_scenario(device: str, quick: bool = False) -> Scenario:
@@ -245,9 +259,12 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _counts(interval: int, steps: int) -> tuple[int, int]:
-    """(full, shallow) steps of a generation on the uniform schedule."""
-    full = sum(fxcache.uniform(interval).is_full(i) for i in range(steps))
+def _counts(interval: int, steps: int, kind: str = "uniform") -> tuple[int, int]:
+    """(full, shallow) steps of a generation on a schedule of SCHEDULES (N = 1: every step full)."""
+    if interval == 1:
+        return steps, 0
+    schedule = SCHEDULES[kind](interval, steps)
+    full = sum(schedule.is_full(i, steps) for i in range(steps))
     return full, steps - full
 
 
@@ -334,6 +351,8 @@ class Engine:
     warmup_s: float | None = None
     warmup_steps: int = 0
     warmup_interval: int = 1
+    kind: str = "uniform"  # fxcache's schedule, a key of SCHEDULES
+    module: Any = None  # fxcache's CachedModule, shared by the schedule variants of one engine
     gens: dict[int, list[float]] = field(default_factory=dict)  # N -> seconds of each timed generation
     peaks: dict[int, float] = field(default_factory=dict)  # N -> MiB
     working: dict[int, float] = field(default_factory=dict)  # N -> MiB
@@ -509,12 +528,15 @@ class Bench:
         fxcache.disable(pipe)
 
         def install(n: int) -> None:
-            cached.fxcache_config = dataclasses.replace(cached.fxcache_config, interval=n)  # the graphs are kept
+            # the graphs are kept: only the schedule changes
+            cached.fxcache_config = dataclasses.replace(cached.fxcache_config, interval=n, schedule=None)
             _set_unet(pipe, cached)  # what fxcache.enable did, with this module and its graphs
 
         def steps() -> tuple[float, float]:
             args, kwargs = self.step_args()
             source = cached.step_source
+            # step 0 full, step 1 shallow: the uniform schedule (a variant's may need the total number of steps)
+            cached.fxcache_config = dataclasses.replace(cached.fxcache_config, interval=first, schedule=None)
             try:
                 cached.step_source = _fixed_step(0)  # step 0 of the generation: full
                 full = self.call_seconds(lambda: cached(*args, **kwargs))
@@ -526,9 +548,21 @@ class Bench:
             return full, shallow
 
         eng = Engine(FX_COMPILED if compiled else FX_EAGER, branch, sc.intervals, install,
-                     lambda: _set_unet(pipe, unet), steps, counters=cached.fxcache_state)  # fmt: skip
+                     lambda: _set_unet(pipe, unet), steps, counters=cached.fxcache_state, module=cached)  # fmt: skip
         what = "captures and compiles the full and shallow graphs" if compiled else "captures"
         return self.warm_up(eng, min(sc.steps, first + 2), first, what)  # 2 full and >= 2 shallow steps
+
+    def schedule_variant(self, base: Engine, kind: str) -> Engine:
+        """``base`` (an fxcache engine) on another schedule: the same module and graphs, so no setup of its own."""
+        cached, pipe, steps = base.module, self.pipe, self.sc.steps
+
+        def install(n: int) -> None:
+            schedule = SCHEDULES[kind](n, steps)
+            cached.fxcache_config = dataclasses.replace(cached.fxcache_config, interval=None, schedule=schedule)
+            _set_unet(pipe, cached)
+
+        return Engine(f"{base.method} {kind}", base.branch, base.intervals, install, base.uninstall, base.step_times,
+                      counters=base.counters, kind=kind, module=cached)  # fmt: skip
 
     def helper(self, branch: int) -> Engine:
         from DeepCache import DeepCacheSDHelper
@@ -620,6 +654,11 @@ class Bench:
             self.add(f"{FX_EAGER}, branch {b}", lambda b=b: self.fxcache(b, compiled=False))
             self.add(f"{FX_COMPILED}, branch {b}", lambda b=b: self.fxcache(b, compiled=True))
             self.add(f"{HELPER}, branch {b}", lambda b=b: self.helper(b))
+            bases = [e for e in self.engines if e.branch == b and e.method in (FX_EAGER, FX_COMPILED)]
+            for kind in (k for k in sc.schedules if k != "uniform"):
+                for base in bases:
+                    label = f"{base.method} {kind}, branch {b}"
+                    self.add(label, lambda base=base, k=kind: self.schedule_variant(base, k))
             last_branch_s = time.perf_counter() - t0
         self.measure()
 
@@ -667,9 +706,9 @@ class Bench:
         eng.latents.setdefault(n, latents)
         if before is not None:
             ran = st.full_steps - before[0], st.shallow_steps - before[1]
-            if ran != _counts(n, self.sc.steps):
+            if ran != _counts(n, self.sc.steps, eng.kind):
                 self.notes.append(f"{eng.label} N={n}: ran {ran[0]}+{ran[1]} full+shallow steps, expected "
-                                  f"{_counts(n, self.sc.steps)}")  # fmt: skip
+                                  f"{_counts(n, self.sc.steps, eng.kind)}")  # fmt: skip
 
     # -- results --------------------------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -689,7 +728,7 @@ class Bench:
                 if n not in eng.gens:
                     continue
                 gen_s = statistics.median(eng.gens[n])
-                n_full, n_shallow = _counts(n, sc.steps)
+                n_full, n_shallow = _counts(n, sc.steps, eng.kind)
                 rows.append(
                     Row(
                         method=eng.method, interval=n, branch=eng.branch, full_steps=n_full, shallow_steps=n_shallow,
@@ -713,7 +752,7 @@ class Bench:
             r.speedup_vs_helper = helper.generation_s / r.generation_s if helper else None
             if r.f is not None:
                 r.ideal_speedup = sc.steps / (r.full_steps + r.shallow_steps * r.f)
-                own = comp if r.method == FX_COMPILED else eager
+                own = comp if r.method.startswith(FX_COMPILED) else eager
                 if own is not None:
                     r.fraction_of_ideal = own.generation_s / r.generation_s / r.ideal_speedup
             if r.method == FX_EAGER and helper is not None:
@@ -937,20 +976,24 @@ def draw_chart(path: Path, sc: Scenario, env: dict[str, Any], rows: list[Row]) -
     eager, comp = by.get((PLAIN_EAGER, 1, None)), by.get((PLAIN_COMPILED, 1, None))
     branches = [b for b in sc.branches if any(r.branch == b for r in rows)] or [None]
     fig, axes = plt.subplots(1, len(branches), figsize=(6 * len(branches), 4.6), squeeze=False, sharey=True)
-    styles = {HELPER: ("tab:orange", "s"), FX_EAGER: ("tab:blue", "o"), FX_COMPILED: ("tab:green", "D")}
+    styles = {HELPER: ("tab:orange", "s", "-"), FX_EAGER: ("tab:blue", "o", "-"), FX_COMPILED: ("tab:green", "D", "-")}
+    dashes = {"nonuniform": "--", "eq7": "-."}
+    for kind in (k for k in sc.schedules if k != "uniform"):
+        for method in (FX_EAGER, FX_COMPILED):
+            styles[f"{method} {kind}"] = (*styles[method][:2], dashes.get(kind, ":"))
     for ax, b in zip(axes[0], branches, strict=True):
         ax.axhline(1.0, color="gray", lw=1, ls="-", label=f"{PLAIN_EAGER} (1.00x)")
         if comp is not None and comp.speedup_vs_plain_eager is not None:
             ax.axhline(comp.speedup_vs_plain_eager, color="tab:red", lw=1, ls="--",
                        label=f"{PLAIN_COMPILED} ({comp.speedup_vs_plain_eager:.2f}x)")  # fmt: skip
-        for method, (color, marker) in styles.items():
+        for method, (color, marker, line) in styles.items():
             pts = [(n, by[(method, n, b)]) for n in sc.intervals if (method, n, b) in by]
             if not pts or pts[0][1].speedup_vs_plain_eager is None:
                 continue
             # N = 1 is the same engine without caching: plain compiled for fxcache compiled, plain eager otherwise.
-            start = comp.speedup_vs_plain_eager if method == FX_COMPILED and comp is not None else 1.0
+            start = comp.speedup_vs_plain_eager if method.startswith(FX_COMPILED) and comp is not None else 1.0
             xs, ys = [1, *(n for n, _ in pts)], [start, *(r.speedup_vs_plain_eager for _, r in pts)]
-            ax.plot(xs, ys, color=color, marker=marker, label=method)
+            ax.plot(xs, ys, color=color, marker=marker, ls=line, label=method)
             if method == FX_COMPILED and comp is not None and eager is not None:
                 ideal = [start * r.ideal_speedup for _, r in pts if r.ideal_speedup is not None]
                 ax.plot(xs[1:], ideal, color=color, ls=":", lw=1, label="fxcache compiled, ideal at measured f")
@@ -982,6 +1025,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,5; got {text!r}") from exc
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in SCHEDULES]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown schedule(s) {bad or text!r}; use some of {', '.join(SCHEDULES)}")
+    return ("uniform", *(k for k in kinds if k != "uniform"))
+
+
 def parse(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -999,6 +1050,11 @@ def parse(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                         help="add Inductor's freezing (weights as constants) to both compiled methods")  # fmt: skip
     parser.add_argument("--step-reps", type=int, help="U-Net calls per step-time measurement")
     parser.add_argument("--gen-reps", type=int, help="timed generations per method, N and branch (median)")
+    parser.add_argument(
+        "--schedules",
+        type=_kinds,
+        help=f"fxcache schedules, comma-separated, from {', '.join(SCHEDULES)} (default uniform)",
+    )
     parser.add_argument("--budget-s", type=float, help="skip remaining branches past this many seconds (0: none)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use Inductor's usual cache folder (default: a fresh temporary one, so compile times "
@@ -1012,7 +1068,7 @@ def parse(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                      "scenario needs one; run with --device cpu (or auto) for the reduced CPU scenario.")  # fmt: skip
     sc = default_scenario(device, a.quick)
     names = ("model", "size", "steps", "intervals", "branches", "dtype", "mode", "freezing", "step_reps", "gen_reps",
-             "budget_s")  # fmt: skip
+             "budget_s", "schedules")  # fmt: skip
     overrides = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
     sc = dataclasses.replace(sc, **overrides)
     from torch._inductor import list_mode_options

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import fxcache  # noqa: E402
 from fxcache.adapters.diffusers import branch_from_deepcache_id  # noqa: E402
 from fxcache.capture import capture, flatten_call  # noqa: E402
-from fxcache.demo import LATENT_FACTOR, psnr, quiet_hf_logs, random_prompt_embeds, sd15_unet, sd_pipeline  # noqa: E402
 from fxcache.passes import bind_cache_buffer, extract_subgraph, find_skip_merges, split_at_branch  # noqa: E402
+from fxcache.sd15 import LATENT_FACTOR, psnr, quiet_hf_logs, random_prompt_embeds, sd15_unet, sd_pipeline  # noqa: E402
 
 # The targets (see the module docstring).
 MAX_SHALLOW_RATIO = 0.10  # branch 0's shallow step / full step, in time

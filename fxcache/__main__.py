@@ -1,4 +1,4 @@
-"""``python -m fxcache <command>``: the command-line entry point (one command for now: ``demo``)."""
+"""``python -m fxcache <command>``: the command-line entry point (``demo`` and ``sd15``)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 USAGE = """\
-usage: python -m fxcache demo [--size 256] [--steps 10] [--branch 0] [--interval 5] [--seed 0]
+usage: python -m fxcache {demo,sd15} [options]
 
 commands:
-  demo   time DeepCache (fxcache.enable) against an uncached generation on the Stable Diffusion 1.5
-         U-Net architecture with random weights, on CPU; `python -m fxcache demo --help` for options.
-         Quick check: python -m fxcache demo --size 64 --steps 4"""
+  demo   generate with fxcache's own trained model, uncached and with DeepCache at several settings;
+         prints speed-ups, PSNR/SSIM against the uncached images and an FID-style score, and writes a
+         PNG grid. `python -m fxcache demo --help` for options; `--quick` for a one-minute version.
+  sd15   time DeepCache (fxcache.enable) against an uncached generation on the Stable Diffusion 1.5
+         U-Net architecture with random weights; `python -m fxcache sd15 --help` for options."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> main(["--help"])  # doctest: +ELLIPSIS
-        usage: python -m fxcache demo ...
+        usage: python -m fxcache {demo,sd15} ...
         0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -29,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fxcache.demo import main as demo_main  # imports diffusers only when asked to
 
         return demo_main(argv[1:])
+    if argv[:1] == ["sd15"]:
+        from fxcache.sd15 import main as sd15_main
+
+        return sd15_main(argv[1:])
     if argv[:1] in (["-h"], ["--help"], ["help"]):
         print(USAGE)
         return 0

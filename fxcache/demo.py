@@ -1,268 +1,332 @@
-"""``python -m fxcache demo``: DeepCache on the Stable Diffusion 1.5 U-Net, offline, in a few minutes.
+"""``python -m fxcache demo``: what DeepCache does to speed and to pictures, on a model that ships with fxcache.
 
-No weights can be downloaded, so the models are built from their configs with random weights: the
-"images" are noise, and only two things mean something: how much faster the cached generation is,
-and how closely its latents agree with the uncached ones.
+The model is a small ``UNet2DModel`` trained on procedurally drawn coloured shapes (``fxcache/assets``,
+see its ``MODEL_CARD.md``), sampled with diffusers' ``DDIMPipeline``. The demo generates one fixed-seed
+batch uncached and again under several fxcache settings (branches, intervals, schedules, eager and
+compiled), then
 
-The builders here (:func:`sd15_unet`, :func:`tiny_vae`, :func:`sd_pipeline`) are shared with
-``benchmarks/``. diffusers is imported inside them only, so ``import fxcache`` stays free of it.
+- prints a table: wall time, speed-up, PSNR and SSIM of each image against its uncached twin (the same
+  initial noise), and an FID-style Frechet distance to real images in a classifier's feature space;
+- writes one labelled PNG grid: a row per setting, a column per seed.
+
+``--quick`` runs a small version of the same thing (the test suite runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: importing fxcache.demo must not import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from fxcache import toy
+from fxcache.schedule import ScheduleLike, nonuniform
 
-__all__ = ["main", "psnr", "quiet_hf_logs", "random_prompt_embeds", "sd15_unet", "sd_pipeline", "tiny_vae"]
+__all__ = ["Setting", "default_settings", "main", "run"]
 
-_T = TypeVar("_T")
-
-# Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json), minus the weights.
-_SD15_UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD15_TEXT_TOKENS, SD15_TEXT_DIM = 77, 768  # CLIP ViT-L/14: what the U-Net cross-attends to
-LATENT_FACTOR = 8  # SD's VAE maps 8x8 pixels to one latent; the demo's pixel sizes assume that VAE
+REAL_SEED = 1000  # the classifier's held-out images: the "real" side of the Frechet distance
+FLOOR_SEED = 2000  # fresh real images, scored like a generated batch: the best a perfect model could get
 
 
-def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
-    """The Stable Diffusion 1.5 U-Net architecture (860M parameters) with random weights, fp32, eval mode.
+@dataclass(frozen=True)
+class Setting:
+    """One row of the demo: uncached when ``branch`` is None."""
 
-    Example:
-        >>> unet = sd15_unet()                       # doctest: +SKIP
-        >>> sum(p.numel() for p in unet.parameters())  # doctest: +SKIP
-        859520964
-    """
-    from diffusers import UNet2DConditionModel
+    label: str
+    branch: int | None = None
+    interval: int | None = None
+    schedule: ScheduleLike | None = None
+    compiled: bool = False
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**_SD15_UNET_CONFIG).eval()  # fp32: torch's default dtype
+    @property
+    def cached(self) -> bool:
+        return self.branch is not None
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A one-block AutoencoderKL with 4 latent channels and scale factor 1 (height/width = latent size).
+def default_settings(steps: int, *, quick: bool = False, compile: bool = True) -> list[Setting]:
+    """The demo's rows: uncached first, then fxcache at branches 0 and 1, N in {2, 3, 5}, the paper's
+    non-uniform schedule (reference and literal Eq. 7), and compiled versions of a few.
 
-    The demo returns latents, so the VAE is never run; the pipeline only needs one to exist.
+    The non-uniform center is scaled from the paper's 15-of-50 steps to ``0.3 * steps``.
 
     Example:
-        >>> tiny_vae().config.latent_channels  # doctest: +SKIP
-        4
+        >>> [s.label for s in default_settings(10, quick=True)]
+        ['uncached', 'b0 N3', 'b1 N5', 'uncached compiled', 'b0 N3 compiled']
     """
-    from diffusers import AutoencoderKL
+    center = 0.3 * steps
+    rows = [Setting("uncached")]
+    if quick:
+        rows += [Setting("b0 N3", 0, 3), Setting("b1 N5", 1, 5)]
+    else:
+        rows += [Setting(f"b{b} N{n}", b, n) for b in (0, 1) for n in (2, 3, 5)]
+        rows += [
+            Setting("b0 N5 nonuniform", 0, schedule=nonuniform(5, center=center, power=1.4)),
+            Setting("b0 N5 nonuniform Eq.7", 0, schedule=nonuniform(5, center=center, power=1.4, reference=False)),
+        ]
+    if compile:
+        rows += [Setting("uncached compiled", compiled=True), Setting("b0 N3 compiled", 0, 3, compiled=True)]
+        if not quick:
+            rows += [Setting("b0 N5 compiled", 0, 5, compiled=True), Setting("b1 N3 compiled", 1, 3, compiled=True)]
+    return rows
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(32,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
+
+@dataclass
+class Row:
+    setting: Setting
+    seconds: float
+    setup_seconds: float
+    full_steps: int
+    shallow_steps: int
+    images: torch.Tensor  # batch x 3 x H x W in [0, 1], on CPU
+    psnr: float = math.inf
+    ssim: float = 1.0
+    fd: float = math.nan
+    speedup: float = 1.0
+    speedup_same_engine: float = 1.0
 
 
-def sd_pipeline(unet: UNet2DConditionModel) -> StableDiffusionPipeline:
-    """An offline StableDiffusionPipeline around ``unet``: tiny VAE, no text encoder, SD1.5's DDIM scheduler.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    Call it with ``prompt_embeds=``/``negative_prompt_embeds=`` (see :func:`random_prompt_embeds`),
-    ``height=width=`` the *latent* size (the tiny VAE does not upscale) and ``output_type="latent"``.
 
-    Example:
-        >>> pipe = sd_pipeline(sd15_unet())  # doctest: +SKIP
-        >>> latents = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=32, width=32,
-        ...                num_inference_steps=10, output_type="latent").images  # doctest: +SKIP
-    """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def _pipeline(device: torch.device) -> Any:
+    from diffusers import DDIMPipeline
 
-    scheduler = DDIMScheduler(  # SD1.5's scheduler settings
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=tiny_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = DDIMPipeline(unet=toy.load_demo_unet(), scheduler=toy.demo_scheduler()).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def random_prompt_embeds(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (1, 77, 768) prompt and negative-prompt embeddings, standing in for CLIP's.
+def _generate(pipe: Any, batch: int, steps: int, seed: int) -> torch.Tensor:
+    out = pipe(
+        batch_size=batch,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),  # CPU noise: the same images on any device
+        output_type="np",
+    ).images
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float()
 
-    Example:
-        >>> emb, neg = random_prompt_embeds()
-        >>> emb.shape, neg.shape
-        (torch.Size([1, 77, 768]), torch.Size([1, 77, 768]))
+
+def _run_setting(pipe: Any, s: Setting, batch: int, steps: int, seed: int, device: torch.device) -> Row:
+    import fxcache
+    from fxcache.compile import compile_options
+
+    unet = pipe.unet
+    if s.cached:
+        fxcache.enable(pipe, branch=s.branch, interval=s.interval, schedule=s.schedule, compile=s.compiled)
+    elif s.compiled:
+        object.__setattr__(pipe, "unet", torch.compile(unet, **(compile_options(True, device) or {})))
+    try:
+        # Two steps run one full and one shallow step at the real batch size: the one-time capture and
+        # compilation happen here, and are reported as setup time, not generation time.
+        start = time.perf_counter()
+        _generate(pipe, batch, 2, seed)
+        _sync(device)
+        setup = time.perf_counter() - start
+        state = getattr(pipe.unet, "fxcache_state", None)
+        before = (state.full_steps, state.shallow_steps) if state else (0, 0)
+        start = time.perf_counter()
+        images = _generate(pipe, batch, steps, seed)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        full, shallow = (state.full_steps - before[0], state.shallow_steps - before[1]) if state else (steps, 0)
+    finally:
+        fxcache.disable(pipe)
+        object.__setattr__(pipe, "unet", unet)
+    return Row(s, seconds, setup, full, shallow, images)
+
+
+@torch.no_grad()
+def _features(net: toy.Classifier, images01: torch.Tensor) -> torch.Tensor:
+    x = images01 * 2 - 1
+    return torch.cat([net.features(x[i : i + 500]) for i in range(0, len(x), 500)])
+
+
+def run(
+    settings: Sequence[Setting],
+    *,
+    samples: int,
+    steps: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[list[Row], dict[str, float]]:
+    """Generate ``samples`` images per setting and score them; returns the rows and reference scores.
+
+    ``settings[0]`` must be the uncached eager baseline: PSNR, SSIM and speed-ups are measured against it.
     """
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, SD15_TEXT_TOKENS, SD15_TEXT_DIM)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    if settings[0].cached or settings[0].compiled:
+        raise ValueError("the first setting must be the uncached eager baseline, Setting('uncached')")
+    pipe = _pipeline(device)
+    net = toy.load_classifier()
+    real = _features(net, (toy.shapes(2000, seed=REAL_SEED)[0] + 1) / 2)
+    floor = toy.frechet_distance(_features(net, (toy.shapes(samples, seed=FLOOR_SEED)[0] + 1) / 2), real)
+
+    rows: list[Row] = []
+    bar = tqdm(settings, desc="fxcache demo", unit="setting", disable=not progress, file=sys.stderr)
+    for s in bar:
+        bar.set_postfix_str(s.label)
+        rows.append(_run_setting(pipe, s, samples, steps, seed, device))
+    base = rows[0]
+    base_compiled = next((r for r in rows if r.setting.compiled and not r.setting.cached), None)
+    for r in rows:
+        r.fd = toy.frechet_distance(_features(net, r.images), real)
+        r.speedup = base.seconds / r.seconds
+        same = base_compiled if r.setting.compiled and base_compiled else base
+        r.speedup_same_engine = same.seconds / r.seconds
+        if r is not base:
+            # identical images (inf) and fp32-noise-level differences count as 99 dB in the mean
+            r.psnr = float(toy.psnr(r.images, base.images, data_range=1.0).clamp(max=99).mean())
+            r.ssim = float(toy.ssim(r.images, base.images, data_range=1.0).mean())
+    return rows, {"fd_real_vs_real": floor}
 
 
-def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """PSNR of ``other`` against ``reference`` in dB, the peak being ``reference``'s range (max - min).
-
-    ``inf`` when the two are identical.
-
-    Example:
-        >>> ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
-        >>> round(psnr(ref, ref + 0.03), 1)
-        40.0
-        >>> psnr(ref, ref)
-        inf
-    """
-    ref, x = reference.detach().double(), other.detach().double()
-    mse = float((ref - x).pow(2).mean())
-    if mse == 0.0:
-        return math.inf
-    peak = float(ref.max() - ref.min())
-    return 10 * math.log10(peak**2 / mse)
+def table(rows: Sequence[Row]) -> str:
+    """The demo's results as a fixed-width text table."""
+    head = (
+        f"{'setting':24s} {'steps full+shallow':>18s} {'time s':>7s} {'setup s':>8s} {'speed-up':>8s} "
+        f"{'same eng.':>9s} {'PSNR dB':>8s} {'SSIM':>6s} {'FD':>7s}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ps = "same" if math.isinf(r.psnr) else ">=99" if r.psnr >= 99 else f"{r.psnr:.1f}"
+        lines.append(
+            f"{r.setting.label:24s} {f'{r.full_steps}+{r.shallow_steps}':>18s} {r.seconds:7.2f} {r.setup_seconds:8.1f} "
+            f"{r.speedup:7.2f}x {r.speedup_same_engine:8.2f}x {ps:>8s} {r.ssim:6.3f} {r.fd:7.2f}"
+        )
+    return "\n".join(lines)
 
 
-def quiet_hf_logs() -> None:
-    """Show only errors from diffusers' and transformers' loggers (process-wide).
+def save_grid(rows: Sequence[Row], path: Path, columns: int = 8, scale: int = 3) -> Path:
+    """One PNG: a labelled row per setting, the first ``columns`` images (same seeds in every row)."""
+    from PIL import Image, ImageDraw
 
-    Building a pipeline without a text encoder or torchvision makes both libraries warn about parts
-    this offline setup does not use; for a command-line run those warnings only hide the output.
-    """
-    import diffusers
-    import transformers
+    n = min(columns, len(rows[0].images))
+    size = rows[0].images.shape[-1] * scale
+    pad, label_w, head_h = 4, 300, 22
+    grid = Image.new("RGB", (label_w + n * (size + pad), head_h + len(rows) * (size + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "fxcache demo: same seeds in every column", fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        y = head_h + i * (size + pad)
+        if math.isinf(r.psnr):
+            ps = "reference"
+        else:
+            ps = f"PSNR {'>= 99' if r.psnr >= 99 else f'{r.psnr:.1f}'} dB, SSIM {r.ssim:.3f}"
+        draw.text((4, y + 4), r.setting.label, fill=(0, 0, 0))
+        draw.text((4, y + 20), f"{r.speedup:.2f}x, {r.seconds:.1f} s", fill=(60, 60, 60))
+        draw.text((4, y + 36), ps, fill=(60, 60, 60))
+        draw.text((4, y + 52), f"FD {r.fd:.2f}", fill=(60, 60, 60))
+        for j in range(n):
+            pixels = (r.images[j].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(pixels).resize((size, size), Image.NEAREST)
+            grid.paste(tile, (label_w + j * (size + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
 
-
-def _timed(label: str, fn: Callable[[], _T]) -> tuple[_T, float]:
-    print(f"  {label} ...", end="", flush=True)
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    print(f" {seconds:.1f} s", flush=True)
-    return result, seconds
+def _row_dict(r: Row) -> dict[str, Any]:
+    """A row for JSON: non-finite numbers (PSNR of identical images) become null."""
+    out: dict[str, Any] = {"setting": r.setting.label}
+    for k, v in vars(r).items():
+        if k not in ("images", "setting"):
+            out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return out
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fxcache demo",
-        description="Time a DeepCache generation against an uncached one on the SD1.5 U-Net (random weights, CPU).",
+        description="Generate with fxcache's own trained model, uncached and cached, and compare speed and images.",
     )
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels; latents are size/8 (default 256)")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
-    parser.add_argument("--branch", type=int, default=0, help="skip connection to cut, 0 = shallowest (default 0)")
-    parser.add_argument("--interval", type=int, default=5, help="one full step every N steps (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, embeddings and noise (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("fxcache_demo.png"), help="grid PNG (./fxcache_demo.png)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    parser.add_argument("--samples", type=int, default=None, help="images per setting (default 256; --quick 8)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 25; --quick 10)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include the torch.compile rows (default: yes, except with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run: 8 images, 10 steps, 3 eager settings")
     args = parser.parse_args(list(argv))
-    if args.size < 64 or args.size % 64:
-        parser.error(
-            f"--size {args.size} is not supported: use a multiple of 64 (64, 128, 256, 512). The latents are "
-            "size/8 pixels wide, and the pipeline needs latent sizes that are multiples of 8."
-        )
-    if args.steps < 1 or args.interval < 1 or args.branch < 0:
-        parser.error("--steps and --interval must be >= 1 and --branch >= 0")
+    args.samples = args.samples or (8 if args.quick else 256)
+    args.steps = args.steps or (10 if args.quick else 25)
+    args.compile = not args.quick if args.compile is None else args.compile
+    if args.samples < 2 or args.steps < 2:
+        parser.error("--samples and --steps must be at least 2")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but this torch build sees no CUDA device; use --device cpu")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; ``argv`` as for ``python -m fxcache demo`` (without the ``demo``). Returns the exit code."""
-    import fxcache
+    from fxcache.sd15 import quiet_hf_logs
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     quiet_hf_logs()
-    latent = args.size // LATENT_FACTOR
-    print("fxcache demo: DeepCache as a graph transform, on the Stable Diffusion 1.5 U-Net architecture")
-    print("  The weights are RANDOM (nothing is downloaded), so the latents are noise: only the speed-up and")
-    print("  the agreement between cached and uncached latents are meaningful.")
+    settings = default_settings(args.steps, quick=args.quick, compile=args.compile)
+    _, meta = toy._load("demo_unet.safetensors")
+    record = json.loads(meta.get("training", "{}"))
+    print("fxcache demo: DeepCache on fxcache's own trained model (fxcache/assets/MODEL_CARD.md)")
     print(
-        f"  {args.size} px ({latent}x{latent} latents), batch 2 (classifier-free guidance), {args.steps} DDIM steps, "
-        f"fp32 on CPU with {torch.get_num_threads()} threads; branch {args.branch}, interval {args.interval}",
+        f"  {args.samples} images of 32x32 px per setting, {args.steps} DDIM steps, fp32 on {args.device}"
+        + (f" ({torch.get_num_threads()} threads)" if args.device.type == "cpu" else "")
+        + f", torch {torch.__version__}; {len(settings)} settings",
         flush=True,
     )
-
-    print("\n[1/4] Building the U-Net from its config", flush=True)
-    unet, _ = _timed("SD1.5 U-Net, 860M parameters, random weights", lambda: sd15_unet(args.seed))
-    pipe = sd_pipeline(unet)
-    emb, neg = random_prompt_embeds(args.seed)
-
-    print("\n[2/4] fxcache.explain(unet, ...): where the U-Net can be cut, for a CFG batch of 2", flush=True)
-    sample = torch.randn(2, unet.config.in_channels, latent, latent)
-    timestep = torch.tensor(999)
-    branches, _ = _timed(
-        "capturing one graph and counting FLOPs",
-        lambda: fxcache.explain(unet, sample, timestep, encoder_hidden_states=torch.cat([neg, emb])),
-    )
-    print(branches, flush=True)
-    if args.branch >= len(branches):
-        print(f"error: --branch {args.branch} is out of range: this U-Net has {len(branches)} branches "
-              f"(0..{len(branches) - 1})", file=sys.stderr)  # fmt: skip
-        return 2
-
-    def generate(steps: int) -> torch.Tensor:
-        return pipe(
-            prompt_embeds=emb,
-            negative_prompt_embeds=neg,
-            height=latent,
-            width=latent,
-            num_inference_steps=steps,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(args.seed),
-        ).images
-
-    # Two warm-up steps run one full and one shallow step: every kernel and, for fxcache, the one-time
-    # capture, at a fraction of a whole generation's cost.
-    warmup = min(2, args.steps)
-    print("\n[3/4] Uncached generation", flush=True)
-    _timed(f"warm-up ({warmup} steps)", lambda: generate(warmup))
-    reference, plain_s = _timed(f"timed ({args.steps} steps)", lambda: generate(args.steps))
-
-    print(f"\n[4/4] fxcache.enable(pipe, branch={args.branch}, interval={args.interval})", flush=True)
-    fxcache.enable(pipe, branch=args.branch, interval=args.interval)
-    try:
-        state = pipe.unet.fxcache_state
-        _timed(f"warm-up ({warmup} steps, includes the one-time capture)", lambda: generate(warmup))
-        full0, shallow0 = state.full_steps, state.shallow_steps
-        cached, cached_s = _timed(f"timed ({args.steps} steps)", lambda: generate(args.steps))
-        full, shallow = state.full_steps - full0, state.shallow_steps - shallow0
-    finally:
-        fxcache.disable(pipe)
-
-    # What FLOPs predict for this exact schedule: a full step costs 1, a shallow step f.
-    f = branches[args.branch].flops_fraction
-    predicted = (full + shallow) / (full + shallow * f)
-    print("\nResult")
-    print(f"  uncached   {plain_s:6.1f} s")
-    print(f"  fxcache    {cached_s:6.1f} s  {plain_s / cached_s:.2f}x faster (FLOPs predict {predicted:.2f}x)")
-    print(f"  steps      {full} full + {shallow} shallow; a shallow step has {100 * f:.1f}% of a full step's FLOPs")
+    rows, ref = run(settings, samples=args.samples, steps=args.steps, seed=args.seed, device=args.device)
+    print()
+    print(table(rows))
+    acc = record.get("classifier_heldout_accuracy")
     print(
-        f"  agreement  PSNR {psnr(reference, cached):.1f} dB, cached latents against uncached ones "
-        "(inf = identical; caching trades a little agreement for speed)",
-        flush=True,
+        "\n  speed-up: against the uncached eager run; 'same eng.': against uncached on the same engine (eager or "
+        "compiled).\n  setup: one-time capture and compilation. PSNR/SSIM: each image against its uncached twin "
+        "(same noise).\n  FD: Frechet distance to 2000 real images in a shape classifier's features"
+        + (f" (held-out accuracy {acc:.1%})" if acc is not None else "")
+        + f"; {args.samples} fresh real images score {ref['fd_real_vs_real']:.2f}, the floor for this sample size."
+        + ("\n  (FD from fewer than 128 images is noisy: the default is 256.)" if args.samples < 128 else "")
     )
+    path = save_grid(rows, args.out)
+    print(f"\n  grid: {path} (rows: settings; columns: the same seeds)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    device=str(args.device),
+                    torch=torch.__version__,
+                    samples=args.samples,
+                    steps=args.steps,
+                    dtype="float32",
+                    image="3x32x32",
+                    reference=ref,
+                    rows=[_row_dict(r) for r in rows],
+                ),
+                indent=1,
+                default=str,
+            )
+        )
     return 0
