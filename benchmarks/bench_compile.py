@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, also whe
 from bench_core import _fmt, _jsonable, _table, machine  # noqa: E402
 
 import fxcache  # noqa: E402
-from fxcache.adapters.diffusers import branch_from_deepcache_id  # noqa: E402
+from fxcache.adapters.diffusers import _set_unet, branch_from_deepcache_id  # noqa: E402  (a swap that leaves pipe.config alone)
 from fxcache.compile import uses_cudagraphs  # noqa: E402
 from fxcache.sd15 import (  # noqa: E402
     _SD15_UNET_CONFIG,
@@ -294,11 +294,6 @@ def _peak_rss_mib() -> float:
 
 def _rss_mib() -> float:
     return _status_mib("VmRSS") or 0.0
-
-
-def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
-    # DiffusionPipeline.__setattr__ would rewrite pipe.config for a temporary swap (fxcache's adapter does the same).
-    object.__setattr__(pipe, "unet", unet)
 
 
 def _drop_restored_forwards(unet: torch.nn.Module) -> None:

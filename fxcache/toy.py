@@ -146,7 +146,8 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _load(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load(name: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A shipped file's tensors (none when ``tensors`` is False) and metadata."""
     from safetensors import safe_open
 
     path = ASSETS / name
@@ -156,7 +157,12 @@ def _load(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             "or rebuild them with `python scripts/train_demo_model.py`."
         )
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), f.metadata() or {}
+
+
+def training_record() -> dict[str, Any]:
+    """How the shipped model was trained (steps, loss, classifier accuracy...), from its metadata only."""
+    return json.loads(_load("demo_unet.safetensors", tensors=False)[1].get("training", "{}"))
 
 
 def load_demo_unet() -> UNet2DModel:

@@ -45,8 +45,9 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) ->
     net.train()
     for step in range(steps):
         idx = torch.randint(len(x), (128,), generator=g)
+        xb = x[idx]
         # mild noise so that features of not-quite-clean generated images stay meaningful
-        xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)
+        xb = xb + 0.05 * torch.randn(xb.shape, generator=g)
         loss = F.cross_entropy(net(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
