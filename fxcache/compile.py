@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["CompileSpec", "check_compile_spec", "compile_options", "uses_cudagraphs"]
+__all__ = ["CompileSpec", "check_compile_spec", "compile_graph", "compile_options", "dynamo_config", "uses_cudagraphs"]
 
 CompileSpec = bool | str | Mapping[str, Any] | None
 
 # torch.compile's own keyword arguments, minus the model.
 _COMPILE_KWARGS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options", "disable"})
+
+# Inductor options that torch.compile(options=...) sets too late: Dynamo reads them from the global
+# config while it traces, before the options are applied, so on their own they do nothing. Freezing is
+# one (torch 2.13): Dynamo decides then whether the weights become constants.
+_READ_BY_DYNAMO = ("freezing",)
 
 
 def _modes() -> list[str]:
@@ -84,6 +89,24 @@ def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] |
     return opts
 
 
+def dynamo_config(opts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The Inductor config to set globally around the calls of a graph compiled with ``opts``.
+
+    ``options={"freezing": True}`` asks Inductor to treat the weights as constants (on CPU: oneDNN
+    convolutions and MKL linears on pre-packed weights). Passed to torch.compile it is ignored, because
+    Dynamo reads ``torch._inductor.config.freezing`` before the options apply; fxcache sets it around
+    each call of its graphs instead (about 20 us a call), so the first call, and any recompile, freezes.
+
+    Example:
+        >>> dynamo_config({"options": {"freezing": True}})
+        {'freezing': True}
+        >>> dynamo_config({"mode": "reduce-overhead"})
+        {}
+    """
+    options = (opts or {}).get("options") or {}
+    return {k: options[k] for k in _READ_BY_DYNAMO if k in options}
+
+
 def uses_cudagraphs(opts: Mapping[str, Any] | None, device: torch.device) -> bool:
     """Whether graphs compiled with ``opts`` replay as CUDA graphs on ``device``."""
     if not opts or device.type != "cuda" or opts.get("backend", "inductor") != "inductor":
@@ -91,3 +114,23 @@ def uses_cudagraphs(opts: Mapping[str, Any] | None, device: torch.device) -> boo
     if opts.get("options", {}).get("triton.cudagraphs"):
         return True
     return opts.get("mode") in ("reduce-overhead", "max-autotune")
+
+
+class _WithInductorConfig:
+    """A compiled graph whose calls run with some Inductor config set globally (see :func:`dynamo_config`)."""
+
+    def __init__(self, fn: Callable[..., Any], config: dict[str, Any]) -> None:
+        self.fn, self.config = fn, config
+
+    def __call__(self, *args: Any) -> Any:
+        import torch._inductor.config
+
+        with torch._inductor.config.patch(self.config):
+            return self.fn(*args)
+
+
+def compile_graph(gm: torch.nn.Module, opts: Mapping[str, Any]) -> Callable[..., Any]:
+    """``torch.compile(gm, **opts)``, with the options Dynamo reads early made to take effect."""
+    compiled = torch.compile(gm, **opts)
+    config = dynamo_config(opts)
+    return _WithInductorConfig(compiled, config) if config else compiled

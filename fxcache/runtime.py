@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
-from fxcache.compile import compile_options, uses_cudagraphs
+from fxcache.compile import compile_graph, compile_options, uses_cudagraphs
 from fxcache.config import CacheConfig
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import tensor_meta
@@ -59,6 +59,7 @@ class _Program:
     full: Callable[..., Any]
     shallow: Callable[..., Any]
     cudagraphs: bool
+    ran: set[bool] = field(default_factory=set)  # which graphs have run once (full: True, shallow: False)
 
 
 class _Plan(NamedTuple):
@@ -167,8 +168,7 @@ class CachedModule(torch.nn.Module):
         super()._apply(fn, *args, **kwargs)
         # .to()/.half() may replace tensors and always moves the cache's device or dtype: capture
         # again at the next call rather than keep graphs bound to the old tensors.
-        self._programs.clear()
-        self.fxcache_state.reset()
+        self.drop_graphs()
         return self
 
     def extra_repr(self) -> str:
@@ -180,11 +180,27 @@ class CachedModule(torch.nn.Module):
         """Forget the cache; the next call starts a new generation and runs in full."""
         self.fxcache_state.reset()
 
+    def drop_graphs(self) -> None:
+        """Forget the captured and compiled graphs and the cache; the next call captures (and compiles) again.
+
+        Needed only after changing weights in place under ``compile={"options": {"freezing": True}}``,
+        which compiles the weights in as constants. ``.to()`` and ``.half()`` do this by themselves.
+        """
+        self._programs.clear()
+        self.fxcache_state.reset()
+
+    def _setup_failed(self, error: BaseException) -> None:
+        """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
+
     def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
         program = self._programs.get(sig)
         if program is None:
             _warn_if_number_changed(sig, self._programs)
-            program = self._programs[sig] = self._build(args, kwargs)
+            try:
+                program = self._programs[sig] = self._build(args, kwargs)
+            except Exception as exc:
+                self._setup_failed(exc)
+                raise
         return program
 
     def _build(self, args: tuple, kwargs: dict[str, Any]) -> _Program:
@@ -200,7 +216,7 @@ class CachedModule(torch.nn.Module):
         if opts is None:
             return _Program(captured, merge, cache, full, shallow, cudagraphs=False)
         return _Program(
-            captured, merge, cache, torch.compile(full, **opts), torch.compile(shallow, **opts),
+            captured, merge, cache, compile_graph(full, opts), compile_graph(shallow, opts),
             cudagraphs=uses_cudagraphs(opts, deep.device),
         )  # fmt: skip
 
@@ -239,7 +255,22 @@ class CachedModule(torch.nn.Module):
         return _Plan(program, leaves, full, sig)
 
     @torch._dynamo.disable
+    def _first_call_failed(self, plan: _Plan, error: Exception) -> None:
+        # The graph compiles at its first call: a failure there leaves no usable program.
+        if self._programs.get(plan.signature) is plan.program:
+            del self._programs[plan.signature]
+        self.fxcache_state.reset()
+        what = "full" if plan.full else "shallow"
+        if self.fxcache_config.compile:
+            hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
+        else:
+            hint = "fxcache.explain(model, *inputs) shows where the graph was cut"
+        error.add_note(f"fxcache: the {what} graph failed at its first call ({hint}); its graphs were dropped.")
+        self._setup_failed(error)
+
+    @torch._dynamo.disable
     def _finish(self, plan: _Plan, outputs: Any) -> Any:
+        plan.program.ran.add(plan.full)
         if plan.full:
             self.fxcache_state.signature = plan.signature  # the cache now holds this signature's feature
         return plan.program.captured.unflatten(outputs)
@@ -249,8 +280,12 @@ class CachedModule(torch.nn.Module):
     @torch._dynamo.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan(args, kwargs)
-        if plan.full:
-            outputs = plan.program.full(*plan.leaves)
-        else:
-            outputs = plan.program.shallow(*plan.leaves)
+        graph = plan.program.full if plan.full else plan.program.shallow
+        if plan.full in plan.program.ran:
+            return self._finish(plan, graph(*plan.leaves))
+        try:
+            outputs = graph(*plan.leaves)
+        except Exception as exc:
+            self._first_call_failed(plan, exc)
+            raise
         return self._finish(plan, outputs)

@@ -82,3 +82,31 @@ def test_errors_at_enable_leave_pipeline_untouched() -> None:
     with pytest.raises(ValueError):
         fxcache.enable(pipe, branch=0, interval=0)
     assert pipe.unet is original
+
+
+def _failing_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    raise RuntimeError("this backend cannot compile anything")
+
+
+def test_pipeline_is_restored_when_compiling_fails() -> None:
+    pipe = models.sd_pipeline()
+    original = pipe.unet
+    baseline = models.generate(pipe, steps=3)
+    fxcache.enable(pipe, branch=0, interval=2, compile={"backend": _failing_backend})
+    with pytest.raises(Exception, match="this backend cannot compile anything") as info:
+        models.generate(pipe, steps=3)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "the full graph failed at its first call" in notes and "compile=False" in notes
+    assert "original UNet was put back" in notes
+    assert pipe.unet is original, "a compile error at the first call must put the original UNet back"
+    assert torch.equal(models.generate(pipe, steps=3), baseline), "and the pipeline works exactly as before"
+
+
+def test_module_drops_graphs_that_failed_to_compile() -> None:
+    model = models.PlainUNet()
+    x, t = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=2, compile={"backend": _failing_backend})
+    with pytest.raises(Exception, match="this backend cannot compile anything"):
+        cached(x, t)
+    assert not cached._programs, "no half-built program is kept"
+    assert cached.fxcache_state.step == -1, "and the next call starts a new generation"

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from fxcache.capture import Signature
 from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
-from fxcache.runtime import CachedModule, StepInfo, _Program
+from fxcache.runtime import CachedModule, StepInfo
 from fxcache.schedule import ScheduleLike
 
 __all__ = ["enable", "disable", "branch_from_deepcache_id"]
@@ -59,21 +58,19 @@ class _SchedulerSteps:
 
 
 class _PipelineUNet(CachedModule):
-    """A CachedModule that, when its first capture fails, puts the pipeline's UNet back first."""
+    """A CachedModule that, when capturing or compiling fails, puts the pipeline's UNet back first."""
 
     def __init__(self, unet: torch.nn.Module, config: CacheConfig, pipe: Any) -> None:
         super().__init__(unet, config)
         self.step_source = _SchedulerSteps(pipe)
         self._pipe_ref = weakref.ref(pipe)
 
-    def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
-        try:
-            return super()._program(sig, args, kwargs)
-        except Exception:
-            pipe = self._pipe_ref()
-            if pipe is not None and pipe.__dict__.get("unet") is self:
-                disable(pipe)  # the error leaves the pipeline as it was before enable()
-            raise
+    def _setup_failed(self, error: BaseException) -> None:
+        pipe = self._pipe_ref()
+        if pipe is not None and pipe.__dict__.get("unet") is self:
+            disable(pipe)  # the error leaves the pipeline as it was before enable()
+            if hasattr(error, "add_note"):
+                error.add_note("fxcache: the pipeline's original UNet was put back (fxcache.enable undone).")
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
