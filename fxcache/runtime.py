@@ -264,7 +264,7 @@ class CachedModule(torch.nn.Module):
         if self.fxcache_config.compile:
             hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
         else:
-            hint = "fxcache.explain(model, *inputs) shows where the graph was cut"
+            hint = "under your own torch.compile, Dynamo compiles it then; fxcache.explain shows the cut"
         error.add_note(f"fxcache: the {what} graph failed at its first call ({hint}); its graphs were dropped.")
         self._setup_failed(error)
 
