@@ -120,12 +120,12 @@ class _WithInductorConfig:
     """A compiled graph whose calls run with some Inductor config set globally (see :func:`dynamo_config`)."""
 
     def __init__(self, fn: Callable[..., Any], config: dict[str, Any]) -> None:
-        self.fn, self.config = fn, config
-
-    def __call__(self, *args: Any) -> Any:
         import torch._inductor.config
 
-        with torch._inductor.config.patch(self.config):
+        self.fn, self.config, self._patch = fn, config, torch._inductor.config.patch
+
+    def __call__(self, *args: Any) -> Any:
+        with self._patch(self.config):
             return self.fn(*args)
 
 

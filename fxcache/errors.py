@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError"]
+__all__ = ["CaptureError", "add_note"]
 
 
 class CaptureError(RuntimeError):
@@ -22,3 +22,9 @@ class CaptureError(RuntimeError):
         ...     print("captured: no")
         captured: no
     """
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to ``error`` where Python supports it (3.11+: printed under the traceback); else do nothing."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)

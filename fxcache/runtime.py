@@ -17,6 +17,7 @@ import torch
 from fxcache.capture import Captured, Signature, capture, flatten_call
 from fxcache.compile import compile_graph, compile_options, uses_cudagraphs
 from fxcache.config import CacheConfig
+from fxcache.errors import add_note
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import tensor_meta
 
@@ -265,7 +266,7 @@ class CachedModule(torch.nn.Module):
             hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
         else:
             hint = "under your own torch.compile, Dynamo compiles it then; fxcache.explain shows the cut"
-        error.add_note(f"fxcache: the {what} graph failed at its first call ({hint}); its graphs were dropped.")
+        add_note(error, f"fxcache: the {what} graph failed at its first call ({hint}); its graphs were dropped.")
         self._setup_failed(error)
 
     @torch._dynamo.disable
@@ -281,11 +282,10 @@ class CachedModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan(args, kwargs)
         graph = plan.program.full if plan.full else plan.program.shallow
-        if plan.full in plan.program.ran:
-            return self._finish(plan, graph(*plan.leaves))
         try:
             outputs = graph(*plan.leaves)
         except Exception as exc:
-            self._first_call_failed(plan, exc)
+            if plan.full not in plan.program.ran:  # its first call, where it compiles
+                self._first_call_failed(plan, exc)
             raise
         return self._finish(plan, outputs)

@@ -13,6 +13,7 @@ import torch
 
 from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
+from fxcache.errors import add_note
 from fxcache.runtime import CachedModule, StepInfo
 from fxcache.schedule import ScheduleLike
 
@@ -69,8 +70,7 @@ class _PipelineUNet(CachedModule):
         pipe = self._pipe_ref()
         if pipe is not None and pipe.__dict__.get("unet") is self:
             disable(pipe)  # the error leaves the pipeline as it was before enable()
-            if hasattr(error, "add_note"):
-                error.add_note("fxcache: the pipeline's original UNet was put back (fxcache.enable undone).")
+            add_note(error, "fxcache: the pipeline's original UNet was put back (fxcache.enable undone).")
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
