@@ -1,71 +1,87 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 3): GPU tests, then the compiled-DeepCache benchmark on CUDA.
+# The GPU check (issue 10): the compiled-DeepCache benchmark first, then the GPU tests, each under its own deadline.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR        # from the repository root, on the GPU machine
+#   bash benchmarks/gpu_check.sh --fetch-wheels   # here (with the registry): download benchmarks/gpu_wheels.txt to .whl/
+#   bash benchmarks/gpu_check.sh OUTDIR           # on the GPU machine, from the repository root, with .whl/ carried
+#   bash benchmarks/gpu_dryrun.sh                 # the same script on CPU, in a venv made like the GPU machine
 #
-# The GPU machine has torch + triton + pytest + transformers + matplotlib but neither diffusers nor
-# DeepCache, and no network: both come as wheels in .whl/ (fetched beforehand with
-# `pip download --no-deps -d .whl diffusers==0.42.1 DeepCache==0.1.1`) and are installed into /tmp/site.
-#
-# OUTDIR receives at most 6 files: env.txt, gpu_tests.txt, bench.txt and the benchmark's JSON, CSV and PNG.
-# The whole script keeps within TOTAL_S seconds (default 570, under the device runner's 600 s per command): the
-# benchmark gets what the tests left. It skips its second branch when that would not fit (--budget-s, 60 s
-# before its deadline), and at the deadline it is interrupted (SIGINT): it then prints what it measured and
-# keeps the JSON/CSV it writes after every stage.
-# Exit status: the benchmark's (0: every measurement ran; the targets' PASS/FAIL are in its output).
-set -euo pipefail
+# Environment: TOTAL_S (default 420: the whole script's budget), PYTHON (python3), SITE (/tmp/site, where the
+# wheels are installed), DEVICE (cuda), SCENARIO (gpu on cuda, cpu on cpu), TESTS_MIN_S (60: skip the tests with
+# less left).
+# OUTDIR gets env.txt, preflight.txt, bench.txt, gpu_check.json (rewritten after every benchmark stage) and
+# gpu_tests.txt. The exit status is the benchmark's; the tests' status is printed at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-570}
-SECONDS=0
-
-if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "no wheels in .whl/: download them first (pip download --no-deps -d .whl diffusers==0.42.1 DeepCache==0.1.1)" \
-        "and carry .whl to this machine (it is git-ignored)" >&2
-    exit 2
+PYTHON=${PYTHON:-python3}
+WHEELS=benchmarks/gpu_wheels.txt
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    mkdir -p .whl
+    grep -v '^#' "$WHEELS" | grep . | xargs "$PYTHON" -m pip download -q --no-deps --only-binary=:all: \
+        --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any -d .whl
+    ls .whl
+    exit $?
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=$PWD:/tmp/site
+
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR   (or --fetch-wheels)}
+mkdir -p "$OUT"
+TOTAL_S=${TOTAL_S:-420}
+SITE=${SITE:-/tmp/site}
+DEVICE=${DEVICE:-cuda}
+TESTS_MIN_S=${TESTS_MIN_S:-60}
+SECONDS=0
+left() { echo $((TOTAL_S - SECONDS)); }
+
+# Every listed wheel must be there: a missing one would show only as an import error on the GPU.
+have=$(ls .whl/ 2>/dev/null | awk -F- '/\.whl$/ {print tolower($1) "==" $2}')
+for spec in $(grep -v '^#' "$WHEELS" | grep .); do
+    want=$(echo "$spec" | tr 'A-Z-' 'a-z_')
+    if ! echo "$have" | grep -qx "$want"; then
+        echo "missing wheel for $spec in .whl/: run 'bash benchmarks/gpu_check.sh --fetch-wheels' here and carry .whl" >&2
+        exit 2
+    fi
+done
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || { echo "installing the wheels into $SITE failed" >&2; exit 2; }
+export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
 
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi || echo "nvidia-smi failed"
-    python3 - <<'EOF'
-import importlib.metadata as md
-import platform
-
-import torch
-
-print("python", platform.python_version())
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-print("cuda available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}")
-for dist in ("triton", "diffusers", "DeepCache", "transformers", "matplotlib", "pytest", "numpy"):
-    try:
-        print(dist, md.version(dist))
-    except md.PackageNotFoundError:
-        print(dist, "not installed")
-EOF
-} > "$OUT/env.txt" 2>&1 || echo "(the environment probe above failed; going on)" >> "$OUT/env.txt"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; fi
+    nproc; free -g | head -2
+} > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# Keep going when tests fail: their exit status is recorded (5 means no test carries the gpu marker).
-set +e
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
-tests_rc=${PIPESTATUS[0]}
+# Pre-flight: every import, a C compiler, Python.h and the device, before any time is spent.
+if ! "$PYTHON" -m benchmarks.gpu_check --preflight --device "$DEVICE" 2>&1 | tee "$OUT/preflight.txt"; then
+    echo "pre-flight failed: nothing was run (see $OUT/preflight.txt)" >&2
+    exit 3
+fi
 
-bench_timeout=$((TOTAL_S - SECONDS - 15))
-echo "benchmark: ${bench_timeout} s left (budget for its branches: $((bench_timeout - 60)) s)"
-PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=10 "$bench_timeout" \
-    python3 benchmarks/bench_compile.py --device cuda --out "$OUT" --budget-s "$((bench_timeout - 60))" 2>&1 \
-    | tee "$OUT/bench.txt"
+# 1. The benchmark: the numbers that matter. It stops starting stages at its deadline and keeps what it measured;
+#    `timeout` only catches a hang, 20 s after that deadline.
+bench_s=$(( $(left) - TESTS_MIN_S - 20 ))
+[ "$bench_s" -lt 60 ] && bench_s=60
+echo "== benchmark: deadline ${bench_s} s ($(left) s left in all)"
+timeout --signal=INT --kill-after=10 $((bench_s + 20)) \
+    "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --device "$DEVICE" ${SCENARIO:+--scenario "$SCENARIO"} \
+    --deadline-s "$bench_s" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
-set -e
 
-echo "gpu tests exit status: $tests_rc (5 = no test selected); benchmark exit status: $bench_rc" \
-    "(124/130: cut at its deadline); ${SECONDS} s in all" | tee -a "$OUT/env.txt"
+# 2. The GPU tests, on small models, under what is left.
+tests_s=$(( $(left) - 10 ))
+if [ "$tests_s" -ge "$TESTS_MIN_S" ]; then
+    echo "== GPU tests: ${tests_s} s"
+    timeout --signal=INT --kill-after=10 "$tests_s" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+    tests_rc=${PIPESTATUS[0]}
+else
+    echo "GPU tests skipped: ${tests_s} s left, under TESTS_MIN_S=${TESTS_MIN_S}" | tee "$OUT/gpu_tests.txt"
+    tests_rc=skipped
+fi
+
+echo "benchmark exit status: $bench_rc (124/130: cut by timeout); GPU tests: $tests_rc (5: none selected);" \
+    "${SECONDS} s in all" | tee -a "$OUT/env.txt"
 exit "$bench_rc"

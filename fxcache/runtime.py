@@ -274,6 +274,10 @@ class CachedModule(torch.nn.Module):
         plan.program.ran.add(plan.full)
         if plan.full:
             self.fxcache_state.signature = plan.signature  # the cache now holds this signature's feature
+        if plan.program.cudagraphs:
+            # A CUDA graph's outputs live in its memory pool and are overwritten by the next replay: a caller
+            # that keeps an output across steps (PNDM without CFG keeps its noise predictions) needs its own copy.
+            outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
         return plan.program.captured.unflatten(outputs)
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
