@@ -7,12 +7,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompileSpec", "check_compile_spec", "compile_graph", "compile_options", "dynamo_config", "uses_cudagraphs"]
+__all__ = [
+    "CompileSpec",
+    "check_compile_spec",
+    "compile_graph",
+    "compile_options",
+    "dynamo_config",
+    "own_cudagraphs",
+    "uses_cudagraphs",
+]
 
 CompileSpec = bool | str | Mapping[str, Any] | None
 
 # torch.compile's own keyword arguments, minus the model.
 _COMPILE_KWARGS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options", "disable"})
+# fxcache's own: {"cudagraphs": True} records each compiled graph as fxcache's own CUDA graph (see cudagraphs.py).
+_FXCACHE_KWARGS = frozenset({"cudagraphs"})
 
 # Inductor options that torch.compile(options=...) sets too late: Dynamo reads them from the global
 # config while it traces, before the options are applied, so on their own they do nothing. Freezing is
@@ -44,11 +54,16 @@ def check_compile_spec(spec: CompileSpec) -> None:
             raise ValueError(f"compile={spec!r} is not a torch.compile mode; use one of {', '.join(_modes())}")
         return
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - _COMPILE_KWARGS)
+        unknown = sorted(set(spec) - _COMPILE_KWARGS - _FXCACHE_KWARGS)
         if unknown:
             raise ValueError(
                 f"compile={dict(spec)!r} has keys torch.compile does not take: {', '.join(unknown)}. "
-                f"Allowed: {', '.join(sorted(_COMPILE_KWARGS))}"
+                f"Allowed: {', '.join(sorted(_COMPILE_KWARGS | _FXCACHE_KWARGS))}"
+            )
+        if spec.get("cudagraphs", False) and _tree_cudagraphs(spec):
+            raise ValueError(
+                f"compile={dict(spec)!r} asks for CUDA graphs twice: fxcache's own (cudagraphs=True) and "
+                "Inductor's CUDA graph trees (its mode); drop one"
             )
         if "mode" in spec:
             check_compile_spec(spec["mode"])
@@ -62,15 +77,16 @@ def check_compile_spec(spec: CompileSpec) -> None:
 def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] | None:
     """The torch.compile keyword arguments for ``spec`` on ``device``; None means run eagerly.
 
-    ``True`` picks the default mode per device: ``"reduce-overhead"`` (CUDA graphs) on CUDA, the
-    default Inductor mode elsewhere. Graphs are always static-shaped and whole
-    (``dynamic=False, fullgraph=True``) unless the dict says otherwise.
+    ``True`` is Inductor's default mode on every device; on CUDA fxcache then records the compiled graphs
+    as its own CUDA graphs (:func:`own_cudagraphs`). Graphs are always static-shaped and whole
+    (``dynamic=False, fullgraph=True``) unless the dict says otherwise. fxcache's own keys
+    (``cudagraphs``) are not passed on to torch.compile.
 
     Example:
-        >>> compile_options(True, torch.device("cpu"))
+        >>> compile_options(True, torch.device("cuda"))
         {'fullgraph': True, 'dynamic': False}
-        >>> compile_options(True, torch.device("cuda"))["mode"]
-        'reduce-overhead'
+        >>> compile_options({"mode": "max-autotune-no-cudagraphs", "cudagraphs": True}, torch.device("cuda"))
+        {'mode': 'max-autotune-no-cudagraphs', 'fullgraph': True, 'dynamic': False}
         >>> compile_options(False, torch.device("cuda")) is None
         True
     """
@@ -81,12 +97,37 @@ def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] |
     elif isinstance(spec, str):
         opts = {"mode": spec}
     else:
-        opts = dict(spec)
+        opts = {k: v for k, v in spec.items() if k not in _FXCACHE_KWARGS}
     opts.setdefault("fullgraph", True)
     opts.setdefault("dynamic", False)
-    if device.type == "cuda" and "mode" not in opts and "options" not in opts:
-        opts["mode"] = "reduce-overhead"
     return opts
+
+
+def own_cudagraphs(spec: CompileSpec, device: torch.device) -> bool:
+    """Whether fxcache records its compiled graphs as its own CUDA graphs (:mod:`fxcache.cudagraphs`).
+
+    ``compile=True`` on CUDA does; so does ``{"cudagraphs": True}`` in a dict. A mode that brings Inductor's
+    CUDA graph trees (``"reduce-overhead"``) uses those instead.
+
+    Example:
+        >>> own_cudagraphs(True, torch.device("cuda")), own_cudagraphs(True, torch.device("cpu"))
+        (True, False)
+        >>> own_cudagraphs("reduce-overhead", torch.device("cuda"))
+        False
+    """
+    if device.type != "cuda" or spec is None or spec is False:
+        return False
+    if spec is True:
+        return True
+    return isinstance(spec, Mapping) and bool(spec.get("cudagraphs", False))
+
+
+def _tree_cudagraphs(opts: Mapping[str, Any]) -> bool:
+    if opts.get("backend", "inductor") != "inductor":
+        return False
+    if (opts.get("options") or {}).get("triton.cudagraphs"):
+        return True
+    return opts.get("mode") in ("reduce-overhead", "max-autotune")
 
 
 def dynamo_config(opts: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -108,12 +149,8 @@ def dynamo_config(opts: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def uses_cudagraphs(opts: Mapping[str, Any] | None, device: torch.device) -> bool:
-    """Whether graphs compiled with ``opts`` replay as CUDA graphs on ``device``."""
-    if not opts or device.type != "cuda" or opts.get("backend", "inductor") != "inductor":
-        return False
-    if opts.get("options", {}).get("triton.cudagraphs"):
-        return True
-    return opts.get("mode") in ("reduce-overhead", "max-autotune")
+    """Whether graphs compiled with ``opts`` replay as Inductor's CUDA graph trees on ``device``."""
+    return bool(opts) and device.type == "cuda" and _tree_cudagraphs(opts)
 
 
 class _WithInductorConfig:

@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import torch
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
-from fxcache.compile import compile_graph, compile_options, uses_cudagraphs
+from fxcache.compile import compile_graph, compile_options, own_cudagraphs, uses_cudagraphs
 from fxcache.config import CacheConfig
+from fxcache.cudagraphs import CUDAGraphRunner
 from fxcache.errors import add_note
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import tensor_meta
@@ -213,12 +214,16 @@ class CachedModule(torch.nn.Module):
         # what CUDA graphs record.
         cache = torch.zeros(deep.shape, dtype=deep.dtype, device=deep.device)
         full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
-        opts = compile_options(self.fxcache_config.compile, deep.device)
+        spec = self.fxcache_config.compile
+        opts = compile_options(spec, deep.device)
         if opts is None:
             return _Program(captured, merge, cache, full, shallow, cudagraphs=False)
+        full_fn, shallow_fn = compile_graph(full, opts), compile_graph(shallow, opts)
+        if own_cudagraphs(spec, deep.device):
+            pool = torch.cuda.graph_pool_handle()  # one memory pool for the program's two graphs
+            full_fn, shallow_fn = CUDAGraphRunner(full_fn, pool), CUDAGraphRunner(shallow_fn, pool)
         return _Program(
-            captured, merge, cache, compile_graph(full, opts), compile_graph(shallow, opts),
-            cudagraphs=uses_cudagraphs(opts, deep.device),
+            captured, merge, cache, full_fn, shallow_fn, cudagraphs=uses_cudagraphs(opts, deep.device),
         )  # fmt: skip
 
     def _is_full_step(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 import fxcache
-from fxcache.compile import compile_options, uses_cudagraphs
+from fxcache.compile import compile_options, own_cudagraphs, uses_cudagraphs
 from tests import models
 
 pytestmark = pytest.mark.compile
@@ -113,8 +113,9 @@ def test_compile_option_validation() -> None:
 def test_default_modes_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_options(True, cpu) == {"fullgraph": True, "dynamic": False}
-    assert compile_options(True, cuda)["mode"] == "reduce-overhead"
-    assert uses_cudagraphs(compile_options(True, cuda), cuda)
+    assert compile_options(True, cuda) == {"fullgraph": True, "dynamic": False}  # fxcache's own CUDA graphs on top
+    assert own_cudagraphs(True, cuda) and not uses_cudagraphs(compile_options(True, cuda), cuda)
+    assert uses_cudagraphs(compile_options("reduce-overhead", cuda), cuda)
     assert compile_options("max-autotune", cuda)["mode"] == "max-autotune"
     assert not uses_cudagraphs(compile_options("max-autotune-no-cudagraphs", cuda), cuda)
     assert compile_options({"mode": "reduce-overhead", "dynamic": False}, cpu) == {
@@ -163,3 +164,13 @@ def test_frozen_weights_need_drop_graphs() -> None:
         after = cached(x, t)
         model.head.bias.sub_(1.0)
     assert torch.allclose(after, before + 1.0, atol=1e-5), "drop_graphs() compiles the new weights in"
+
+
+def test_compile_spec_cudagraphs_key() -> None:
+    from fxcache.compile import check_compile_spec
+
+    check_compile_spec({"mode": "max-autotune-no-cudagraphs", "cudagraphs": True})
+    assert own_cudagraphs({"cudagraphs": True}, torch.device("cuda"))
+    assert not own_cudagraphs({"cudagraphs": True}, torch.device("cpu")), "CUDA graphs only on CUDA"
+    with pytest.raises(ValueError, match="CUDA graphs twice"):
+        check_compile_spec({"mode": "reduce-overhead", "cudagraphs": True})

@@ -33,19 +33,23 @@ def _generate(pipe, steps: int = STEPS, **extra) -> torch.Tensor:
         ).images  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def compiled_pipe():
-    """A small fp16 SD pipeline with fxcache compiled (CUDA graphs), warmed up; the U-Net call it made."""
+@pytest.fixture(scope="module", params=[True, "reduce-overhead"], ids=["own-cudagraphs", "cudagraph-trees"])
+def compiled_pipe(request):
+    """A small fp16 SD pipeline with fxcache compiled, warmed up; the U-Net call the pipeline made.
+
+    ``compile=True`` records fxcache's own CUDA graphs; ``"reduce-overhead"`` uses Inductor's CUDA graph trees.
+    """
     pipe = models.sd_pipeline(models.sd_unet(layers_per_block=1, blocks=2)).to("cuda", FP16)
-    calls: list[tuple[tuple, dict]] = []
+    fxcache.enable(pipe, branch=0, interval=3, compile=request.param)
+    calls: list[tuple[tuple, dict]] = []  # recorded on the module the pipeline calls, not inside the capture
     hook = pipe.unet.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
-    fxcache.enable(pipe, branch=0, interval=3, compile=True)  # reduce-overhead on CUDA
     counters.clear()
     _generate(pipe)  # captures, compiles and records both graphs
     hook.remove()
     skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
     yield pipe, calls[0], skips
     fxcache.disable(pipe)
+    torch.compiler.reset()
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +91,7 @@ def test_outputs_survive_the_next_step(compiled_pipe) -> None:
     pipe.scheduler.set_timesteps(STEPS, device="cuda")
     ts = pipe.scheduler.timesteps
     with torch.no_grad():
-        outs = [pipe.unet(args[0], ts[i], **kwargs, return_dict=False)[0] for i in range(4)]  # full, shallow x2, full
+        outs = [pipe.unet(args[0], ts[i], **kwargs)[0] for i in range(4)]  # full, shallow x2, full (return_dict=False)
         copies = [o.clone() for o in outs]
         pipe.unet(args[0], ts[4], **kwargs)
     for i, (o, c) in enumerate(zip(outs, copies, strict=True)):
