@@ -77,14 +77,14 @@ def check_compile_spec(spec: CompileSpec) -> None:
 def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] | None:
     """The torch.compile keyword arguments for ``spec`` on ``device``; None means run eagerly.
 
-    ``True`` is Inductor's default mode on every device; on CUDA fxcache then records the compiled graphs
-    as its own CUDA graphs (:func:`own_cudagraphs`). Graphs are always static-shaped and whole
+    ``True`` picks the default mode per device: ``"reduce-overhead"`` (Inductor's CUDA graph trees) on
+    CUDA, the default Inductor mode elsewhere. Graphs are always static-shaped and whole
     (``dynamic=False, fullgraph=True``) unless the dict says otherwise. fxcache's own keys
-    (``cudagraphs``) are not passed on to torch.compile.
+    (``cudagraphs``, see :func:`own_cudagraphs`) are not passed on to torch.compile.
 
     Example:
         >>> compile_options(True, torch.device("cuda"))
-        {'fullgraph': True, 'dynamic': False}
+        {'fullgraph': True, 'dynamic': False, 'mode': 'reduce-overhead'}
         >>> compile_options({"mode": "max-autotune-no-cudagraphs", "cudagraphs": True}, torch.device("cuda"))
         {'mode': 'max-autotune-no-cudagraphs', 'fullgraph': True, 'dynamic': False}
         >>> compile_options(False, torch.device("cuda")) is None
@@ -100,26 +100,25 @@ def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] |
         opts = {k: v for k, v in spec.items() if k not in _FXCACHE_KWARGS}
     opts.setdefault("fullgraph", True)
     opts.setdefault("dynamic", False)
+    own = isinstance(spec, Mapping) and spec.get("cudagraphs", False)
+    if device.type == "cuda" and not own and "mode" not in opts and "options" not in opts:
+        opts["mode"] = "reduce-overhead"
     return opts
 
 
 def own_cudagraphs(spec: CompileSpec, device: torch.device) -> bool:
     """Whether fxcache records its compiled graphs as its own CUDA graphs (:mod:`fxcache.cudagraphs`).
 
-    ``compile=True`` on CUDA does; so does ``{"cudagraphs": True}`` in a dict. A mode that brings Inductor's
-    CUDA graph trees (``"reduce-overhead"``) uses those instead.
+    Opt-in with ``compile={"cudagraphs": True}`` (plus any torch.compile arguments without CUDA graphs of
+    their own). Not yet run on a GPU: ``compile=True`` keeps Inductor's CUDA graph trees, which were.
 
     Example:
-        >>> own_cudagraphs(True, torch.device("cuda")), own_cudagraphs(True, torch.device("cpu"))
+        >>> own_cudagraphs({"cudagraphs": True}, torch.device("cuda")), own_cudagraphs(True, torch.device("cuda"))
         (True, False)
-        >>> own_cudagraphs("reduce-overhead", torch.device("cuda"))
+        >>> own_cudagraphs({"cudagraphs": True}, torch.device("cpu"))
         False
     """
-    if device.type != "cuda" or spec is None or spec is False:
-        return False
-    if spec is True:
-        return True
-    return isinstance(spec, Mapping) and bool(spec.get("cudagraphs", False))
+    return device.type == "cuda" and isinstance(spec, Mapping) and bool(spec.get("cudagraphs", False))
 
 
 def _tree_cudagraphs(opts: Mapping[str, Any]) -> bool:

@@ -7,6 +7,10 @@ knows everything the trees check for: one signature per program (static shapes),
 fixed addresses, and a step order it decides itself. So it records one ``torch.cuda.CUDAGraph`` per graph and
 replays it: per call, one copy into each static input, the replay, and a clone of each output (the next replay
 overwrites the static outputs). Dynamo and the trees are not on that path at all.
+
+Opt-in (``compile={"cudagraphs": True}``) and not yet run on a GPU: the GPU machine was withdrawn before the check
+that measures it against the trees (``bash benchmarks/gpu_check.sh``, method "fxcache compiled (own graphs)") could
+run. ``compile=True`` keeps the trees, which that check measured.
 """
 
 from __future__ import annotations

@@ -113,9 +113,11 @@ def test_compile_option_validation() -> None:
 def test_default_modes_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_options(True, cpu) == {"fullgraph": True, "dynamic": False}
-    assert compile_options(True, cuda) == {"fullgraph": True, "dynamic": False}  # fxcache's own CUDA graphs on top
-    assert own_cudagraphs(True, cuda) and not uses_cudagraphs(compile_options(True, cuda), cuda)
-    assert uses_cudagraphs(compile_options("reduce-overhead", cuda), cuda)
+    assert compile_options(True, cuda)["mode"] == "reduce-overhead"
+    assert uses_cudagraphs(compile_options(True, cuda), cuda) and not own_cudagraphs(True, cuda)
+    own = {"cudagraphs": True}
+    assert compile_options(own, cuda) == {"fullgraph": True, "dynamic": False}, "no trees under fxcache's own graphs"
+    assert own_cudagraphs(own, cuda) and not uses_cudagraphs(compile_options(own, cuda), cuda)
     assert compile_options("max-autotune", cuda)["mode"] == "max-autotune"
     assert not uses_cudagraphs(compile_options("max-autotune-no-cudagraphs", cuda), cuda)
     assert compile_options({"mode": "reduce-overhead", "dynamic": False}, cpu) == {

@@ -33,11 +33,11 @@ def _generate(pipe, steps: int = STEPS, **extra) -> torch.Tensor:
         ).images  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=[True, "reduce-overhead"], ids=["own-cudagraphs", "cudagraph-trees"])
+@pytest.fixture(scope="module", params=[True, {"cudagraphs": True}], ids=["cudagraph-trees", "own-cudagraphs"])
 def compiled_pipe(request):
     """A small fp16 SD pipeline with fxcache compiled, warmed up; the U-Net call the pipeline made.
 
-    ``compile=True`` records fxcache's own CUDA graphs; ``"reduce-overhead"`` uses Inductor's CUDA graph trees.
+    ``compile=True`` uses Inductor's CUDA graph trees; ``{"cudagraphs": True}`` records fxcache's own CUDA graphs.
     """
     pipe = models.sd_pipeline(models.sd_unet(layers_per_block=1, blocks=2)).to("cuda", FP16)
     fxcache.enable(pipe, branch=0, interval=3, compile=request.param)
