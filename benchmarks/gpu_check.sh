@@ -75,7 +75,7 @@ tests_s=$(( $(left) - 10 ))
 if [ "$tests_s" -ge "$TESTS_MIN_S" ]; then
     echo "== GPU tests: ${tests_s} s"
     timeout --signal=INT --kill-after=10 "$tests_s" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+        "$PYTHON" -m pytest -q -rA --tb=short -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
     tests_rc=${PIPESTATUS[0]}
 else
     echo "GPU tests skipped: ${tests_s} s left, under TESTS_MIN_S=${TESTS_MIN_S}" | tee "$OUT/gpu_tests.txt"
