@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench sd15
+.PHONY: demo test bench sd15 gpu-dryrun
 
 # torch==2.13.0 is a CPU build on local disk here; asking for it first keeps pip from pulling a
 # multi-GB CUDA build when it resolves diffusers/DeepCache (both depend on an unpinned torch).
@@ -26,3 +26,7 @@ sd15: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
+
+# The GPU check end to end on CPU, in a venv made like the GPU machine (see benchmarks/gpu_dryrun.sh).
+gpu-dryrun:
+	bash benchmarks/gpu_dryrun.sh
