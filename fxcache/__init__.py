@@ -3,6 +3,7 @@
 ``fxcache.transform(unet, branch=0, interval=3)`` captures a U-Net as one torch.fx graph, finds its
 skip connections, cuts it at the chosen one into a full and a shallow graph, and runs them on
 DeepCache's schedule. ``fxcache.enable(pipe, ...)`` does the same for a diffusers pipeline's UNet.
+``fxcache.plan(model, args, kwargs, branch=0)`` is the build step on its own: a :class:`CachePlan`.
 
 Importing fxcache imports neither diffusers nor CUDA.
 """
@@ -14,6 +15,7 @@ from fxcache.api import transform
 from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.explain import Branch, BranchTable, explain
+from fxcache.plan import CachePlan, CacheSpec, plan
 from fxcache.runtime import CachedModule
 from fxcache.schedule import Schedule, full_steps, nonuniform, uniform
 
@@ -21,6 +23,8 @@ __all__ = [
     "Branch",
     "BranchTable",
     "CacheConfig",
+    "CachePlan",
+    "CacheSpec",
     "CachedModule",
     "CaptureError",
     "Schedule",
@@ -29,6 +33,7 @@ __all__ = [
     "explain",
     "full_steps",
     "nonuniform",
+    "plan",
     "transform",
     "uniform",
 ]

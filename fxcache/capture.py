@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from fxcache.errors import CaptureError
+from fxcache.passes.count_flops import flops_by_node
 from fxcache.passes.extract_subgraph import finish_graph
 
 __all__ = ["Captured", "Signature", "capture", "flatten_call"]
@@ -73,6 +75,11 @@ class Captured:
 
     def unflatten(self, flat_out: Any) -> Any:
         return pytree.tree_unflatten(list(flat_out), self.out_spec)
+
+    @cached_property
+    def node_flops(self) -> dict[str, int]:
+        """FLOPs of each node of ``gm`` by name (one fake-tensor run, on first use; shared by every cut)."""
+        return flops_by_node(self.gm)
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:

@@ -6,11 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 
-from fxcache.capture import capture
-from fxcache.passes import find_skip_merges, flops_by_node, graph_outputs, needed_nodes
-from fxcache.predicates import module_path, tensor_meta
+from fxcache.plan import plan_branches
 
 __all__ = ["Branch", "BranchTable", "explain", "ideal_speedup"]
 
@@ -79,24 +76,12 @@ class BranchTable(list):  # list[Branch] that prints as a table
     __repr__ = __str__
 
 
-def _merge_site(node: fx.Node) -> str:
-    # The cat/add runs in the block's own forward ("up_blocks.3"); the module that consumes the
-    # merged tensor one level further in ("up_blocks.3.resnets.2") is more telling.
-    site = module_path(node)
-    for user in node.users:
-        paths = [v[0] for v in (user.meta.get("nn_module_stack") or {}).values() if v and v[0]]
-        deeper = [p for p in paths if site in ("<top>", "<input>") or p.startswith(site + ".")]
-        if deeper:
-            return deeper[0]
-    return site
-
-
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
     """List the branches fxcache can cut ``model`` at, for inputs like ``args``/``kwargs``.
 
-    Captures the model once (as :func:`fxcache.transform` would at its first call), finds its skip
-    connections and measures, for each, what share of a full step's FLOPs a shallow step keeps.
-    The model is not modified and is not run on real data.
+    Captures the model once (as :func:`fxcache.transform` would at its first call) and builds the
+    :class:`fxcache.CachePlan` of every branch from that capture: each row is read off its plan, and
+    its FLOPs share is the plan's ``flops_fraction``. The model is not modified and is not run on real data.
 
     Example:
         >>> import torch, fxcache
@@ -115,23 +100,14 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
         >>> print(branches[0])
         branch 0: inp -> out (concat), cache 1x8x16x16, shallow step 69.2% of full FLOPs
     """
-    captured = capture(model, args, kwargs)
-    flops = flops_by_node(captured.gm)
-    full_flops = sum(flops.values())
-    outputs = graph_outputs(captured.gm)
-    table = BranchTable()
-    for i, merge in enumerate(find_skip_merges(captured.gm)):
-        # The shallow graph keeps exactly the nodes the outputs need once the deep tensor is given.
-        shallow_flops = sum(flops[n.name] for n in needed_nodes(outputs, {merge.deep}))
-        meta = tensor_meta(merge.deep)
-        table.append(
-            Branch(
-                index=i,
-                skip_from=module_path(merge.skip),
-                merge_into=_merge_site(merge.merge),
-                kind=merge.kind,
-                cache_shape=tuple(meta.shape) if meta is not None else (),
-                flops_fraction=shallow_flops / full_flops if full_flops else float("nan"),
-            )
+    return BranchTable(
+        Branch(
+            index=p.branch,
+            skip_from=p.skip_from,
+            merge_into=p.merge_into,
+            kind=p.kind,
+            cache_shape=p.cache_shape,
+            flops_fraction=p.flops_fraction,
         )
-    return table
+        for p in plan_branches(model, args, kwargs)
+    )

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.fx as fx
 
-__all__ = ["is_concat", "is_add", "is_downsample", "tensor_meta", "module_path"]
+__all__ = ["is_concat", "is_add", "is_downsample", "tensor_meta", "module_path", "merge_site"]
 
 # Ops whose spatial output can be smaller than their spatial input. Attention reshapes are not
 # listed on purpose: their (batch, heads, tokens, head_dim) tensors can look "smaller" than a
@@ -78,3 +78,18 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [v[0] for v in stack.values() if v and v[0]]
     return paths[-1] if paths else "<top>"
+
+
+def merge_site(node: fx.Node) -> str:
+    """Where a skip merge rejoins, by module: the consumer one level further in when there is one.
+
+    The cat/add runs in the block's own forward (``"up_blocks.3"``); the module that consumes the
+    merged tensor (``"up_blocks.3.resnets.2"``) is more telling.
+    """
+    site = module_path(node)
+    for user in node.users:
+        paths = [v[0] for v in (user.meta.get("nn_module_stack") or {}).values() if v and v[0]]
+        deeper = [p for p in paths if site in ("<top>", "<input>") or p.startswith(site + ".")]
+        if deeper:
+            return deeper[0]
+    return site

@@ -7,22 +7,23 @@ Python is kept out of Dynamo, so a user's ``torch.compile(cached)`` compiles the
 
 from __future__ import annotations
 
+import dataclasses
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from fxcache.capture import Captured, Signature, capture, flatten_call
-from fxcache.compile import compile_graph, compile_options, own_cudagraphs, uses_cudagraphs
-from fxcache.config import CacheConfig
-from fxcache.cudagraphs import CUDAGraphRunner
-from fxcache.errors import add_note
-from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
-from fxcache.predicates import tensor_meta
+from fxcache import backends
+from fxcache.backends import Graphs
+from fxcache.capture import Signature, flatten_call
+from fxcache.config import CacheConfig, check_total_steps
+from fxcache.errors import CaptureError, add_note
+from fxcache.plan import CachePlan, plan
 
-__all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource", "select_branch"]
+__all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource"]
 
 
 class StepInfo(NamedTuple):
@@ -44,65 +45,59 @@ class CacheState:
     step: int = -1  # index of the last call in the current generation; -1: no call yet
     last_timestep: float | None = None
     signature: Signature | None = None  # whose cache buffer holds a valid deep feature
-    full_steps: int = 0  # counters, for tests and reports
+    full_steps: int = 0  # cumulative counters over the module's life, for tests and reports
     shallow_steps: int = 0
+    generation_full_steps: int = 0  # the same counts for the current (or last) generation only
+    generation_shallow_steps: int = 0
 
     def reset(self) -> None:
         self.step, self.last_timestep, self.signature = -1, None, None
+        self.generation_full_steps = self.generation_shallow_steps = 0
 
 
 @dataclass
-class _Program:
-    """The graphs for one input signature, sharing one cache buffer."""
+class _Entry:
+    """A plan and the callables a backend made of it, for one (signature, branch, compile) key."""
 
-    captured: Captured
-    merge: SkipMerge
-    cache: torch.Tensor  # written in place by `full`, read by `shallow`
-    full: Callable[..., Any]
-    shallow: Callable[..., Any]
-    cudagraphs: bool
+    plan: CachePlan
+    graphs: Graphs
     ran: set[bool] = field(default_factory=set)  # which graphs have run once (full: True, shallow: False)
 
 
-class _Plan(NamedTuple):
-    program: _Program
+class _Step(NamedTuple):
+    entry: _Entry
     leaves: list[Any]
     full: bool
     signature: Signature
+    key: _Key
 
 
-def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) -> SkipMerge:
-    """The merge for ``branch``, or a ValueError that says what the model has.
+_UNSET: Any = object()  # configure(): "this key was not given"
 
-    Example:
-        >>> select_branch([], 0, torch.nn.Identity())
-        Traceback (most recent call last):
-        ...
-        ValueError: no skip connection was found in Identity: ...
-    """
-    name = type(model).__name__
-    if not merges:
-        raise ValueError(
-            f"no skip connection was found in {name}: fxcache looks for a concatenation of a tensor with "
-            "one computed from it, or an addition of a tensor with one computed from it through lower "
-            "resolution (a U-Net's long skips). DeepCache needs such a skip to cut the network; this model "
-            "has none, so it cannot be cached. The model was not modified."
-        )
-    if branch >= len(merges):
-        raise ValueError(
-            f"branch={branch} is out of range: this model has {len(merges)} skip connections "
-            f"(0..{len(merges) - 1}). Run fxcache.explain(model, *inputs) to see them. The model was not modified."
-        )
-    return merges[branch]
+# What a program depends on besides the signature: the branch and the compile options.
+_Key = tuple[Signature, int, Hashable]
+
+
+def _compile_key(spec: object) -> Hashable:
+    """A hashable stand-in for a ``compile=`` value (dicts may hold unhashable values, such as a backend)."""
+    if spec is None or spec is False:
+        return False
+    if isinstance(spec, Mapping):
+        return tuple(sorted((str(k), _compile_key(v)) for k, v in spec.items()))
+    try:
+        hash(spec)
+    except TypeError:
+        return ("object", id(spec))
+    return spec
 
 
 def _number_leaves(sig: Signature) -> list[int]:
     return [i for i, d in enumerate(sig.leaves) if d[0] == "const" and d[1] in (int, float)]
 
 
-def _warn_if_number_changed(sig: Signature, known: dict[Signature, _Program]) -> None:
-    # A Python number is baked into the captured graph; one that changes every step (a timestep
-    # passed as an int) would mean a capture per step. Say so once it happens.
+def _warn_if_number_changed(sig: Signature, known: Iterable[Signature]) -> None:
+    # A Python number is baked into the captured graph; one that changes every step would mean a
+    # capture per step. Say so once it happens.
     numbers = _number_leaves(sig)
     for other in known:
         if other.spec == sig.spec and numbers and _number_leaves(other) == numbers:
@@ -141,6 +136,25 @@ def _timestep_value(args: tuple, kwargs: dict[str, Any]) -> float | None:
     return None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lift_timestep(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """The call with a Python-number timestep made ``torch.tensor(t)``, or None when there is none.
+
+    A number would be a constant of the captured graph (a capture per step); as a tensor input one
+    capture serves every step. ``torch.tensor(t)`` infers the dtype as torch does (int64 for an int,
+    the default float dtype for a float), so the result equals passing ``torch.tensor(t)`` yourself.
+    """
+    if "timestep" in kwargs:
+        if _is_number(kwargs["timestep"]):
+            return args, {**kwargs, "timestep": torch.tensor(kwargs["timestep"])}
+    elif len(args) > 1 and _is_number(args[1]):
+        return (args[0], torch.tensor(args[1]), *args[2:]), kwargs
+    return None
+
+
 class CachedModule(torch.nn.Module):
     """A model that runs DeepCache: full steps on schedule, shallow steps in between.
 
@@ -152,10 +166,94 @@ class CachedModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, config: CacheConfig) -> None:
         super().__init__()
         self.model = model
-        self.fxcache_config = config
+        self._config = config
         self.fxcache_state = CacheState()
         self.step_source: StepSource | None = None
-        self._programs: dict[Signature, _Program] = {}
+        self._plans: dict[int, dict[Signature, CachePlan]] = {}  # branch -> signature -> plan
+        self._entries: dict[_Key, _Entry] = {}  # what runs: plan + backend callables
+        self._compile_key = _compile_key(config.compile)
+        self._lift_numbers = True  # turned off when the model needs its timestep as a Python number
+
+    @property
+    def plans(self) -> Mapping[Signature, CachePlan]:
+        """The plans built so far for the current branch, by input signature (a read-only live view).
+
+        One capture serves every call with the same signature; ``len(cached.plans)`` counts captures.
+
+        Example:
+            >>> import torch, fxcache
+            >>> class UNetish(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.down = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            ...         self.up = torch.nn.Upsample(scale_factor=2)
+            ...     def forward(self, x, t):
+            ...         return x + self.up(self.down(x)) * t
+            >>> cached = fxcache.transform(UNetish(), branch=0, interval=2)
+            >>> x = torch.randn(1, 4, 8, 8)
+            >>> _ = [cached(x, t) for t in (3, 2, 1)]   # int timesteps are passed to the graph as tensors
+            >>> len(cached.plans)
+            1
+            >>> next(iter(cached.plans.values())).cache_shape
+            (1, 4, 8, 8)
+        """
+        return types.MappingProxyType(self._plans.setdefault(self._config.branch, {}))
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        """The settings in force (read-only; change them with :meth:`configure`).
+
+        Not ``.config``: that name falls through to the wrapped model (a diffusers UNet's config),
+        which pipelines read.
+        """
+        return self._config
+
+    def configure(
+        self,
+        *,
+        branch: Any = _UNSET,
+        interval: Any = _UNSET,
+        schedule: Any = _UNSET,
+        total_steps: Any = _UNSET,
+        compile: Any = _UNSET,
+    ) -> CachedModule:
+        """Change some settings; the keys not given keep their values. Returns ``self``.
+
+        The new settings are validated by building a new :class:`CacheConfig` (nothing changes when
+        that raises). ``interval`` and ``schedule`` are two spellings of one setting: giving one clears
+        the other. Graphs are kept per input signature, branch and compile options, so changing only
+        the schedule keeps every graph, and going back to an earlier branch or compile setting reuses
+        the graphs built for it. A new branch or compile setting also starts a new generation.
+
+        Example:
+            >>> import torch, fxcache
+            >>> cached = fxcache.transform(torch.nn.Identity(), branch=0, interval=3)
+            >>> cached.configure(interval=5).cache_config.interval
+            5
+            >>> cached.configure(branch=-1)
+            Traceback (most recent call last):
+            ...
+            ValueError: branch=-1 is out of range: branches are numbered from 0 (the shallowest skip connection)
+        """
+        changes = {
+            k: v
+            for k, v in dict(
+                branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile
+            ).items()
+            if v is not _UNSET
+        }
+        if "interval" in changes and "schedule" not in changes:
+            changes["schedule"] = None
+        elif "schedule" in changes and "interval" not in changes:
+            changes["interval"] = None
+        config = dataclasses.replace(self._config, **changes)
+        if self.step_source is None:
+            check_total_steps(config)
+        old_key = (self._config.branch, self._compile_key)
+        self._config, self._compile_key = config, _compile_key(config.compile)
+        if old_key != (config.branch, self._compile_key):
+            self.fxcache_state.reset()  # other graphs, another cache buffer: start a new generation
+        return self
 
     # -- behaving like the wrapped model -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -174,7 +272,7 @@ class CachedModule(torch.nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        c = self.fxcache_config
+        c = self._config
         return f"branch={c.branch}, schedule={c.steps_schedule!r}, compile={c.compile!r}"
 
     # -- the step logic, all outside Dynamo -----------------------------------------------------------
@@ -183,54 +281,59 @@ class CachedModule(torch.nn.Module):
         self.fxcache_state.reset()
 
     def drop_graphs(self) -> None:
-        """Forget the captured and compiled graphs and the cache; the next call captures (and compiles) again.
+        """Forget the plans, their compiled graphs and the cache; the next call captures (and compiles) again.
 
         Needed only after changing weights in place under ``compile={"options": {"freezing": True}}``,
         which compiles the weights in as constants. ``.to()`` and ``.half()`` do this by themselves.
         """
-        self._programs.clear()
+        for by_signature in self._plans.values():
+            by_signature.clear()  # cleared in place: views handed out by .plans stay live
+        self._entries.clear()
         self.fxcache_state.reset()
 
     def _setup_failed(self, error: BaseException) -> None:
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
-    def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
-        program = self._programs.get(sig)
-        if program is None:
-            _warn_if_number_changed(sig, self._programs)
-            try:
-                program = self._programs[sig] = self._build(args, kwargs)
-            except Exception as exc:
-                self._setup_failed(exc)
-                raise
-        return program
+    def _forget(self, key: _Key) -> None:
+        sig, branch, _ = key
+        self._entries.pop(key, None)
+        self._plans.get(branch, {}).pop(sig, None)
 
-    def _build(self, args: tuple, kwargs: dict[str, Any]) -> _Program:
-        captured = capture(self.model, args, kwargs)
-        merge = select_branch(find_skip_merges(captured.gm), self.fxcache_config.branch, self.model)
-        deep = tensor_meta(merge.deep)
-        assert deep is not None, "a skip merge's deep input is always a tensor"
-        # Allocated once per signature, before any compile, and never reallocated: its address is
-        # what CUDA graphs record.
-        cache = torch.zeros(deep.shape, dtype=deep.dtype, device=deep.device)
-        full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
-        spec = self.fxcache_config.compile
-        opts = compile_options(spec, deep.device)
-        if opts is None:
-            return _Program(captured, merge, cache, full, shallow, cudagraphs=False)
-        full_fn, shallow_fn = compile_graph(full, opts), compile_graph(shallow, opts)
-        if own_cudagraphs(spec, deep.device):
-            pool = torch.cuda.graph_pool_handle()  # one memory pool for the program's two graphs
-            full_fn, shallow_fn = CUDAGraphRunner(full_fn, pool), CUDAGraphRunner(shallow_fn, pool)
-        return _Program(
-            captured, merge, cache, full_fn, shallow_fn, cudagraphs=uses_cudagraphs(opts, deep.device),
-        )  # fmt: skip
+    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[_Entry, list[Any], Signature, _Key]:
+        """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
+        lifted = _lift_timestep(args, kwargs) if self._lift_numbers else None
+        call_args, call_kwargs = lifted if lifted is not None else (args, kwargs)
+        leaves, sig = flatten_call(self.model, call_args, call_kwargs)
+        key = (sig, self._config.branch, self._compile_key)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry, leaves, sig, key
+        try:
+            by_signature = self._plans.setdefault(self._config.branch, {})
+            cache_plan = by_signature.get(sig)
+            if cache_plan is None:
+                _warn_if_number_changed(sig, [s for plans in self._plans.values() for s in plans])
+                cache_plan = plan(self.model, call_args, call_kwargs, branch=self._config.branch)
+                by_signature[sig] = cache_plan
+            entry = self._entries[key] = _Entry(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+        except CaptureError as exc:
+            if lifted is not None:
+                # The model needs its timestep as a Python number (it branches on it, say): capture
+                # calls as given from now on, one capture per timestep value, as without lifting.
+                self._lift_numbers = False
+                return self._entry(args, kwargs)
+            self._setup_failed(exc)
+            raise
+        except Exception as exc:
+            self._setup_failed(exc)
+            raise
+        return entry, leaves, sig, key
 
     def _is_full_step(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> bool:
         """Advance the state by one call; True when this call must run in full."""
         st = self.fxcache_state
         new_generation = st.step < 0 or st.signature != sig
-        total = self.fxcache_config.total_steps
+        total = self._config.total_steps
         external = _step_info(self.step_source() if self.step_source is not None else None)
         if external is not None:
             new_generation = new_generation or external.new_generation
@@ -243,31 +346,34 @@ class CachedModule(torch.nn.Module):
             st.last_timestep = t
             step = 0 if new_generation else st.step + 1
         st.step = step
-        return new_generation or self.fxcache_config.steps_schedule.is_full(step, total)
+        if new_generation:
+            st.generation_full_steps = st.generation_shallow_steps = 0
+        return new_generation or self._config.steps_schedule.is_full(step, total)
 
     @torch._dynamo.disable
-    def _plan(self, args: tuple, kwargs: dict[str, Any]) -> _Plan:
-        leaves, sig = flatten_call(self.model, args, kwargs)
-        program = self._program(sig, args, kwargs)
+    def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> _Step:
+        entry, leaves, sig, key = self._entry(args, kwargs)
         full = self._is_full_step(sig, args, kwargs)
         st = self.fxcache_state
         if full:
             st.signature = None  # the buffer is being rewritten: valid again once the full graph ran
             st.full_steps += 1
+            st.generation_full_steps += 1
         else:
             st.shallow_steps += 1
-        if program.cudagraphs:
+            st.generation_shallow_steps += 1
+        if entry.graphs.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
-        return _Plan(program, leaves, full, sig)
+        return _Step(entry, leaves, full, sig, key)
 
     @torch._dynamo.disable
-    def _first_call_failed(self, plan: _Plan, error: Exception) -> None:
-        # The graph compiles at its first call: a failure there leaves no usable program.
-        if self._programs.get(plan.signature) is plan.program:
-            del self._programs[plan.signature]
+    def _first_call_failed(self, step: _Step, error: Exception) -> None:
+        # The graph compiles at its first call: a failure there leaves nothing usable for this key.
+        if self._entries.get(step.key) is step.entry:
+            self._forget(step.key)
         self.fxcache_state.reset()
-        what = "full" if plan.full else "shallow"
-        if self.fxcache_config.compile:
+        what = "full" if step.full else "shallow"
+        if self._config.compile:
             hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
         else:
             hint = "under your own torch.compile, Dynamo compiles it then; fxcache.explain shows the cut"
@@ -275,26 +381,26 @@ class CachedModule(torch.nn.Module):
         self._setup_failed(error)
 
     @torch._dynamo.disable
-    def _finish(self, plan: _Plan, outputs: Any) -> Any:
-        plan.program.ran.add(plan.full)
-        if plan.full:
-            self.fxcache_state.signature = plan.signature  # the cache now holds this signature's feature
-        if plan.program.cudagraphs:
-            # A CUDA graph's outputs live in its memory pool and are overwritten by the next replay: a caller
-            # that keeps an output across steps (PNDM without CFG keeps its noise predictions) needs its own copy.
+    def _finish(self, step: _Step, outputs: Any) -> Any:
+        step.entry.ran.add(step.full)
+        if step.full:
+            self.fxcache_state.signature = step.signature  # the cache now holds this signature's feature
+        if step.entry.graphs.cudagraphs:
+            # The next replay overwrites a CUDA graph's outputs: hand the caller its own copies.
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
-        return plan.program.captured.unflatten(outputs)
+        return step.entry.plan.unflatten(outputs)
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
     # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
     @torch._dynamo.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        plan = self._plan(args, kwargs)
-        graph = plan.program.full if plan.full else plan.program.shallow
+        step = self._prepare(args, kwargs)
+        graphs = step.entry.graphs
+        graph = graphs.full if step.full else graphs.shallow
         try:
-            outputs = graph(*plan.leaves)
+            outputs = graph(*step.leaves)
         except Exception as exc:
-            if plan.full not in plan.program.ran:  # its first call, where it compiles
-                self._first_call_failed(plan, exc)
+            if step.full not in step.entry.ran:  # its first call, where it compiles
+                self._first_call_failed(step, exc)
             raise
-        return self._finish(plan, outputs)
+        return self._finish(step, outputs)

@@ -69,13 +69,13 @@ def test_cache_buffer_is_static(no_recompiles) -> None:
     cached = fxcache.transform(model, branch=1, interval=2, compile=True)
     with torch.no_grad():
         cached(x, torch.full((2,), 900.0))
-        (program,) = cached._programs.values()
-        buffer, ptr = program.cache, program.cache.data_ptr()
+        (plan,) = cached.plans.values()
+        buffer, ptr = plan.cache, plan.cache.data_ptr()
         written = buffer.clone()
         cached(x, torch.full((2,), 800.0))  # shallow: reads, does not write
         assert torch.equal(buffer, written)
         cached(x, torch.full((2,), 700.0))  # full: writes in place
-    assert program.cache is buffer and buffer.data_ptr() == ptr, "the cache is one buffer, never reallocated"
+    assert plan.cache is buffer and buffer.data_ptr() == ptr, "the cache is one buffer, never reallocated"
     assert not torch.equal(buffer, written), "the full step writes the new deep feature into the same buffer"
 
 
@@ -176,3 +176,18 @@ def test_compile_spec_cudagraphs_key() -> None:
     assert not own_cudagraphs({"cudagraphs": True}, torch.device("cpu")), "CUDA graphs only on CUDA"
     with pytest.raises(ValueError, match="CUDA graphs twice"):
         check_compile_spec({"mode": "reduce-overhead", "cudagraphs": True})
+
+
+@pytest.mark.gpu
+def test_cudagraph_outputs_are_the_callers_own() -> None:
+    # Under reduce-overhead the next replay overwrites a CUDA graph's outputs; the runtime clones them.
+    model = models.PlainUNet("cat").eval().cuda()
+    x, _ = models.plain_inputs()
+    x = x.cuda()
+    cached = fxcache.transform(model, branch=0, interval=2, compile=True)
+    with torch.no_grad():
+        outs = [cached(x, torch.full((2,), t, device="cuda")) for t in (900.0, 800.0, 700.0, 600.0)]
+        kept = [o.clone() for o in outs]
+        cached(x, torch.full((2,), 500.0, device="cuda"))  # one more replay of each graph
+    assert all(torch.equal(o, k) for o, k in zip(outs, kept, strict=True)), "an earlier output was overwritten"
+    assert not torch.equal(outs[0], outs[2]), "different timesteps give different outputs"

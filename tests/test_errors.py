@@ -108,5 +108,5 @@ def test_module_drops_graphs_that_failed_to_compile() -> None:
     cached = fxcache.transform(model, branch=0, interval=2, compile={"backend": _failing_backend})
     with pytest.raises(Exception, match="this backend cannot compile anything"):
         cached(x, t)
-    assert not cached._programs, "no half-built program is kept"
+    assert len(cached.plans) == 0, "no half-built plan is kept"
     assert cached.fxcache_state.step == -1, "and the next call starts a new generation"

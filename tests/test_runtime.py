@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -130,23 +132,64 @@ def test_unet2d_model_family() -> None:
     assert not torch.equal(outs[1], refs[1]), "cached steps reuse a stale feature"
 
 
-def test_python_number_timestep_warns_about_recapture() -> None:
+def test_changing_python_number_warns_about_recapture() -> None:
     model = models.PlainUNet().eval()
-    x, _ = models.plain_inputs()
+    x, t = models.plain_inputs()
 
-    class ScalarT(torch.nn.Module):
+    class Scaled(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.net = model
 
-        def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
-            return self.net(x, torch.full((x.shape[0],), t))
+        def forward(self, x: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.net(x, t) * scale
 
-    cached = fxcache.transform(ScalarT(), branch=0, interval=2)
-    cached(x, 900.0)
+    cached = fxcache.transform(Scaled(), branch=0, interval=2)
+    cached(x, t, 1.0)
     with pytest.warns(UserWarning, match="pass values that change between calls, such as the timestep, as tensors"):
-        out = cached(x, 800.0)
-    assert torch.equal(out, model(x, torch.full((2,), 800.0))), "a new signature starts with a full step"
+        out = cached(x, t, 2.0)
+    assert torch.equal(out, model(x, t) * 2.0), "a new signature starts with a full step"
+    assert len(cached.plans) == 2, "a number other than the timestep stays a constant: one capture per value"
+
+
+class _ScalarT(torch.nn.Module):
+    """Takes its timestep as a Python number and builds the tensor itself."""
+
+    def __init__(self, net: torch.nn.Module, branchy: bool = False) -> None:
+        super().__init__()
+        self.net, self.branchy = net, branchy
+
+    def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        if self.branchy and t > 850:  # Python control flow on the number: cannot take a tensor
+            x = x * 2
+        return self.net(x, torch.full((x.shape[0],), t, dtype=x.dtype))
+
+
+def test_number_timestep_is_lifted_to_a_tensor_input() -> None:
+    model = _ScalarT(models.PlainUNet().eval())
+    x, _ = models.plain_inputs()
+    ts = [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no recapture warning
+        cached = fxcache.transform(model, branch=0, interval=3)
+        outs = [cached(x, t) for t in ts]
+    assert len(cached.plans) == 1, "one capture serves every step"
+    (p,) = cached.plans.values()
+    assert [d[1] for d in p.signature.leaves if d[0] == "tensor"] == [(2, 3, 16, 16), ()], "t is a 0-d tensor input"
+    ref = fxcache.transform(model, branch=0, interval=3)
+    for t, out in zip(ts, outs, strict=True):
+        assert torch.equal(out, ref(x, torch.tensor(t))), f"t={t}: an int timestep equals torch.tensor(t)"
+    assert torch.equal(outs[0], model(x, 900)) and torch.equal(outs[3], model(x, 600)), "full steps are exact"
+
+
+def test_number_timestep_the_model_branches_on_stays_a_constant() -> None:
+    model = _ScalarT(models.PlainUNet().eval(), branchy=True)
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=2)
+    assert torch.equal(cached(x, 900.0), model(x, 900.0)), "a model that needs a number still works"
+    with pytest.warns(UserWarning, match="Python number argument changed"):
+        cached(x, 800.0)
+    assert len(cached.plans) == 2, "one capture per value, as without lifting"
 
 
 def test_step_source_drives_the_schedule() -> None:
@@ -161,3 +204,71 @@ def test_step_source_drives_the_schedule() -> None:
     cached.step_source = lambda: "step 3"
     with pytest.raises(TypeError, match="step_source must return"):
         cached(x, t)
+
+
+def test_configure_changes_only_the_given_settings() -> None:
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=3)
+    assert cached.configure(interval=2) is cached
+    assert (cached.cache_config.branch, cached.cache_config.interval) == (0, 2)
+    cached.configure(schedule=fxcache.full_steps([0, 3]))
+    assert cached.cache_config.interval is None, "interval and schedule are one setting: giving one clears the other"
+    with pytest.raises(ValueError, match="branch=-1 is out of range"):
+        cached.configure(branch=-1)
+    with pytest.raises(ValueError, match="needs the number of denoising steps"):
+        cached.configure(schedule=fxcache.nonuniform(3, center=2))
+    assert cached.cache_config.branch == 0 and cached.cache_config.interval is None, "a refused change changes nothing"
+    with pytest.raises(AttributeError):
+        cached.cache_config = fxcache.CacheConfig()  # type: ignore[misc]
+    cached.configure(interval=2)
+    outs = _run(cached, x, [900.0, 800.0])
+    cached.configure(branch=2)  # another cut: a new generation, starting with a full step
+    outs += _run(cached, x, [700.0, 600.0])
+    assert torch.equal(outs[2], model(x, torch.full((2,), 700.0))), "the first step after a branch change is full"
+    st = cached.fxcache_state
+    assert (st.full_steps, st.shallow_steps) == (2, 2)
+    assert (st.generation_full_steps, st.generation_shallow_steps) == (1, 1)
+
+
+def test_int_timesteps_through_a_diffusers_unet_capture_once() -> None:
+    unet = models.sd_unet()
+    (sample, _), kw = models.sd_inputs()
+    ts = list(range(900, -1, -100))  # 10 steps, Python ints
+    cached = fxcache.transform(unet, branch=1, interval=3)
+    ref = fxcache.transform(unet, branch=1, interval=3)
+    with torch.no_grad():
+        outs = [cached(sample, timestep=t, **kw).sample for t in ts]  # the keyword form is lifted too
+        refs = [ref(sample, torch.tensor(t), **kw).sample for t in ts]
+        plain = unet(sample, ts[0], **kw).sample
+    assert len(cached.plans) == 1, f"one capture for 10 int timesteps, got {len(cached.plans)}"
+    assert all(torch.equal(a, b) for a, b in zip(outs, refs, strict=True)), "int timesteps equal torch.tensor(t)"
+    assert torch.equal(outs[0], plain), "and the first (full) step equals the UNet called with the int"
+    st = cached.fxcache_state
+    assert (st.generation_full_steps, st.generation_shallow_steps) == (4, 6)
+
+
+def test_plans_are_kept_per_branch_and_survive_schedule_changes() -> None:
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=3)
+    view = cached.plans
+    assert len(view) == 0
+    _run(cached, x, [900.0, 800.0])
+    (first,) = cached.plans.values()
+    assert len(view) == 1, "plans is a live view"
+    with pytest.raises(TypeError):
+        view[first.signature] = first  # type: ignore[index]
+    cached.configure(interval=2)
+    _run(cached, x, [700.0])
+    assert list(cached.plans.values()) == [first], "a schedule change keeps the graphs"
+    cached.configure(branch=1)
+    assert len(cached.plans) == 0, "another branch has its own plans"
+    _run(cached, x, [600.0])
+    (second,) = cached.plans.values()
+    assert second.branch == 1 and second is not first
+    cached.configure(branch=0)
+    _run(cached, x, [500.0])
+    assert list(cached.plans.values()) == [first], "going back reuses the earlier plan"
+    cached.drop_graphs()
+    assert len(view) == 0
