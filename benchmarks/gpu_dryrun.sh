@@ -9,7 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/out/gpu_dryrun}
 VENV=${DRYRUN_VENV:-/tmp/fxcache-gpu-dryrun}
-BASE=${BASE_PYTHON:-python3}
+# The GPU machine runs Python 3.12 and the carried wheels are for it (charset-normalizer is compiled): use a 3.12.
+if [ -z "${BASE_PYTHON:-}" ]; then
+    for c in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3 python3; do
+        if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then BASE_PYTHON=$c; break; fi
+    done
+fi
+BASE=${BASE_PYTHON:?no Python 3.12 found (the GPU machine runs 3.12 and the wheels are for it): set BASE_PYTHON}
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import transformers" 2>/dev/null; then
     "$BASE" -m venv "$VENV"
