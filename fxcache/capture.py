@@ -97,6 +97,29 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torc
         ) from exc
 
 
+def _mutates(ep: torch.export.ExportedProgram) -> bool:
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        for n in ep.graph.nodes
+    )
+
+
+def _functional(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> torch.export.ExportedProgram:
+    # torch.export's graph keeps in-place ops on intermediate tensors (FreeU scales half the channels of a
+    # feature map with a slice assignment). Cutting such a graph by reachability would drop the mutation,
+    # which no later node consumes, so such graphs are functionalized first (the same ATen ops, out of
+    # place, no decompositions). Graphs without in-place ops (SD, SD-XL U-Nets) skip the retrace.
+    if not _mutates(ep):
+        return ep
+    try:
+        return ep.run_decompositions({})
+    except Exception as exc:
+        raise CaptureError(
+            f"fxcache captured {type(model).__name__} but could not make its in-place operations functional "
+            f"(ExportedProgram.run_decompositions({{}})): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Captured:
     """Capture ``model(*args, **kwargs)`` as one flat GraphModule bound to the model's own tensors.
 
@@ -114,7 +137,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> C
     Raises:
         CaptureError: the model cannot be captured as one graph.
     """
-    ep = _export(model, tuple(args), dict(kwargs))
+    ep = _functional(_export(model, tuple(args), dict(kwargs)), model)
     sig = ep.graph_signature
     extra_outputs = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
     if extra_outputs:

@@ -345,3 +345,34 @@ def svd_inputs(batch: int = 1, frames: int = 3, size: int = 16, t: float = 500.0
     emb = torch.randn(batch, 1, 32, generator=g)
     added = torch.tensor([[6.0, 127.0, 0.02]] * batch)
     return (sample, torch.tensor(t)), {"encoder_hidden_states": emb, "added_time_ids": added}
+
+
+def controlnet(unet: Any, seed: int = 0) -> Any:
+    """A ControlNet made from ``unet`` (random zero-conv weights, so its residuals are not zero)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16,)).eval()  # no downsampling
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.1)
+            block.bias.normal_(0, 0.1)
+    return net
+
+
+def sd_controlnet_pipeline(nets: int = 1) -> Any:
+    """StableDiffusionControlNetPipeline on the tiny SD U-Net; ``nets=2`` gives a MultiControlNetModel."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    unet = sd_unet()
+    net = controlnet(unet) if nets == 1 else [controlnet(unet, seed=i) for i in range(nets)]
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, controlnet=net, scheduler=ddim(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def control_image(size: int = 16, seed: int = 3) -> torch.Tensor:
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
