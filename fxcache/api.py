@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxcache.compile import CompileSpec
-from fxcache.config import CacheConfig
+from fxcache.config import CacheConfig, check_total_steps
 from fxcache.runtime import CachedModule
 from fxcache.schedule import ScheduleLike
 
@@ -68,9 +68,5 @@ def transform(
         True
     """
     config = CacheConfig(branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile)
-    if config.steps_schedule.needs_total and total_steps is None:
-        raise ValueError(
-            f"{config.steps_schedule!r} needs the number of denoising steps: pass total_steps= to "
-            "fxcache.transform, or use fxcache.enable(pipe, ...), which reads it from the pipeline's scheduler"
-        )
+    check_total_steps(config)
     return CachedModule(model, config)

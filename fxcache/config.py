@@ -8,7 +8,7 @@ from functools import cached_property
 from fxcache.compile import CompileSpec, check_compile_spec
 from fxcache.schedule import Schedule, ScheduleLike, as_schedule, uniform
 
-__all__ = ["CacheConfig"]
+__all__ = ["CacheConfig", "check_total_steps"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,16 @@ class CacheConfig:
         if self.schedule is not None:
             return as_schedule(self.schedule)
         return uniform(3 if self.interval is None else self.interval)
+
+
+def check_total_steps(config: CacheConfig) -> None:
+    """Refuse a schedule that needs the number of steps when ``config`` does not give it.
+
+    For a module with no pipeline to read the number from (:func:`fxcache.transform`).
+    """
+    if config.steps_schedule.needs_total and config.total_steps is None:
+        raise ValueError(
+            f"{config.steps_schedule!r} needs the number of denoising steps: pass total_steps= to "
+            "fxcache.transform (or CachedModule.configure), or use fxcache.enable(pipe, ...), which reads it "
+            "from the pipeline's scheduler"
+        )

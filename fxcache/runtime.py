@@ -7,8 +7,9 @@ Python is kept out of Dynamo, so a user's ``torch.compile(cached)`` compiles the
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
 from fxcache.compile import compile_graph, compile_options, uses_cudagraphs
-from fxcache.config import CacheConfig
+from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import add_note
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import tensor_meta
@@ -43,11 +44,14 @@ class CacheState:
     step: int = -1  # index of the last call in the current generation; -1: no call yet
     last_timestep: float | None = None
     signature: Signature | None = None  # whose cache buffer holds a valid deep feature
-    full_steps: int = 0  # counters, for tests and reports
+    full_steps: int = 0  # cumulative counters over the module's life, for tests and reports
     shallow_steps: int = 0
+    generation_full_steps: int = 0  # the same counts for the current (or last) generation only
+    generation_shallow_steps: int = 0
 
     def reset(self) -> None:
         self.step, self.last_timestep, self.signature = -1, None, None
+        self.generation_full_steps = self.generation_shallow_steps = 0
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Plan(NamedTuple):
     leaves: list[Any]
     full: bool
     signature: Signature
+    key: _Key
 
 
 def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) -> SkipMerge:
@@ -95,13 +100,32 @@ def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) 
     return merges[branch]
 
 
+_UNSET: Any = object()  # configure(): "this key was not given"
+
+# What a program depends on besides the signature: the branch and the compile options.
+_Key = tuple[Signature, int, Hashable]
+
+
+def _compile_key(spec: object) -> Hashable:
+    """A hashable stand-in for a ``compile=`` value (dicts may hold unhashable values, such as a backend)."""
+    if spec is None or spec is False:
+        return False
+    if isinstance(spec, Mapping):
+        return tuple(sorted((str(k), _compile_key(v)) for k, v in spec.items()))
+    try:
+        hash(spec)
+    except TypeError:
+        return ("object", id(spec))
+    return spec
+
+
 def _number_leaves(sig: Signature) -> list[int]:
     return [i for i, d in enumerate(sig.leaves) if d[0] == "const" and d[1] in (int, float)]
 
 
-def _warn_if_number_changed(sig: Signature, known: dict[Signature, _Program]) -> None:
-    # A Python number is baked into the captured graph; one that changes every step (a timestep
-    # passed as an int) would mean a capture per step. Say so once it happens.
+def _warn_if_number_changed(sig: Signature, known: Iterable[Signature]) -> None:
+    # A Python number is baked into the captured graph; one that changes every step would mean a
+    # capture per step. Say so once it happens.
     numbers = _number_leaves(sig)
     for other in known:
         if other.spec == sig.spec and numbers and _number_leaves(other) == numbers:
@@ -151,10 +175,65 @@ class CachedModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, config: CacheConfig) -> None:
         super().__init__()
         self.model = model
-        self.fxcache_config = config
+        self._config = config
         self.fxcache_state = CacheState()
         self.step_source: StepSource | None = None
-        self._programs: dict[Signature, _Program] = {}
+        self._programs: dict[_Key, _Program] = {}
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        """The settings in force (read-only; change them with :meth:`configure`).
+
+        Not ``.config``: that name falls through to the wrapped model (a diffusers UNet's config),
+        which pipelines read.
+        """
+        return self._config
+
+    def configure(
+        self,
+        *,
+        branch: Any = _UNSET,
+        interval: Any = _UNSET,
+        schedule: Any = _UNSET,
+        total_steps: Any = _UNSET,
+        compile: Any = _UNSET,
+    ) -> CachedModule:
+        """Change some settings; the keys not given keep their values. Returns ``self``.
+
+        The new settings are validated by building a new :class:`CacheConfig` (nothing changes when
+        that raises). ``interval`` and ``schedule`` are two spellings of one setting: giving one clears
+        the other. Graphs are kept per input signature, branch and compile options, so changing only
+        the schedule keeps every graph, and going back to an earlier branch or compile setting reuses
+        the graphs built for it. A new branch or compile setting also starts a new generation.
+
+        Example:
+            >>> import torch, fxcache
+            >>> cached = fxcache.transform(torch.nn.Identity(), branch=0, interval=3)
+            >>> cached.configure(interval=5).cache_config.interval
+            5
+            >>> cached.configure(branch=-1)
+            Traceback (most recent call last):
+            ...
+            ValueError: branch=-1 is out of range: branches are numbered from 0 (the shallowest skip connection)
+        """
+        changes = {
+            k: v
+            for k, v in dict(
+                branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile
+            ).items()
+            if v is not _UNSET
+        }
+        if "interval" in changes and "schedule" not in changes:
+            changes["schedule"] = None
+        elif "schedule" in changes and "interval" not in changes:
+            changes["interval"] = None
+        config = dataclasses.replace(self._config, **changes)
+        if self.step_source is None:
+            check_total_steps(config)
+        old, self._config = self._config, config
+        if (old.branch, _compile_key(old.compile)) != (config.branch, _compile_key(config.compile)):
+            self.fxcache_state.reset()  # the cache buffer in use is another one now
+        return self
 
     # -- behaving like the wrapped model -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -173,7 +252,7 @@ class CachedModule(torch.nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        c = self.fxcache_config
+        c = self._config
         return f"branch={c.branch}, schedule={c.steps_schedule!r}, compile={c.compile!r}"
 
     # -- the step logic, all outside Dynamo -----------------------------------------------------------
@@ -193,12 +272,16 @@ class CachedModule(torch.nn.Module):
     def _setup_failed(self, error: BaseException) -> None:
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
+    def _key(self, sig: Signature) -> _Key:
+        return (sig, self._config.branch, _compile_key(self._config.compile))
+
     def _program(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> _Program:
-        program = self._programs.get(sig)
+        key = self._key(sig)
+        program = self._programs.get(key)
         if program is None:
-            _warn_if_number_changed(sig, self._programs)
+            _warn_if_number_changed(sig, {k[0] for k in self._programs})
             try:
-                program = self._programs[sig] = self._build(args, kwargs)
+                program = self._programs[key] = self._build(args, kwargs)
             except Exception as exc:
                 self._setup_failed(exc)
                 raise
@@ -206,14 +289,14 @@ class CachedModule(torch.nn.Module):
 
     def _build(self, args: tuple, kwargs: dict[str, Any]) -> _Program:
         captured = capture(self.model, args, kwargs)
-        merge = select_branch(find_skip_merges(captured.gm), self.fxcache_config.branch, self.model)
+        merge = select_branch(find_skip_merges(captured.gm), self._config.branch, self.model)
         deep = tensor_meta(merge.deep)
         assert deep is not None, "a skip merge's deep input is always a tensor"
         # Allocated once per signature, before any compile, and never reallocated: its address is
         # what CUDA graphs record.
         cache = torch.zeros(deep.shape, dtype=deep.dtype, device=deep.device)
         full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
-        opts = compile_options(self.fxcache_config.compile, deep.device)
+        opts = compile_options(self._config.compile, deep.device)
         if opts is None:
             return _Program(captured, merge, cache, full, shallow, cudagraphs=False)
         return _Program(
@@ -225,7 +308,7 @@ class CachedModule(torch.nn.Module):
         """Advance the state by one call; True when this call must run in full."""
         st = self.fxcache_state
         new_generation = st.step < 0 or st.signature != sig
-        total = self.fxcache_config.total_steps
+        total = self._config.total_steps
         external = _step_info(self.step_source() if self.step_source is not None else None)
         if external is not None:
             new_generation = new_generation or external.new_generation
@@ -238,7 +321,9 @@ class CachedModule(torch.nn.Module):
             st.last_timestep = t
             step = 0 if new_generation else st.step + 1
         st.step = step
-        return new_generation or self.fxcache_config.steps_schedule.is_full(step, total)
+        if new_generation:
+            st.generation_full_steps = st.generation_shallow_steps = 0
+        return new_generation or self._config.steps_schedule.is_full(step, total)
 
     @torch._dynamo.disable
     def _plan(self, args: tuple, kwargs: dict[str, Any]) -> _Plan:
@@ -249,20 +334,22 @@ class CachedModule(torch.nn.Module):
         if full:
             st.signature = None  # the buffer is being rewritten: valid again once the full graph ran
             st.full_steps += 1
+            st.generation_full_steps += 1
         else:
             st.shallow_steps += 1
+            st.generation_shallow_steps += 1
         if program.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
-        return _Plan(program, leaves, full, sig)
+        return _Plan(program, leaves, full, sig, self._key(sig))
 
     @torch._dynamo.disable
     def _first_call_failed(self, plan: _Plan, error: Exception) -> None:
         # The graph compiles at its first call: a failure there leaves no usable program.
-        if self._programs.get(plan.signature) is plan.program:
-            del self._programs[plan.signature]
+        if self._programs.get(plan.key) is plan.program:
+            del self._programs[plan.key]
         self.fxcache_state.reset()
         what = "full" if plan.full else "shallow"
-        if self.fxcache_config.compile:
+        if self._config.compile:
             hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
         else:
             hint = "under your own torch.compile, Dynamo compiles it then; fxcache.explain shows the cut"

@@ -11,7 +11,7 @@ import torch
 from DeepCache import DeepCacheSDHelper
 
 import fxcache
-from fxcache.adapters.diffusers import branch_from_deepcache_id
+from fxcache.adapters.diffusers import branch_from_deepcache_id, swap_unet
 from tests import models
 
 
@@ -91,8 +91,12 @@ def test_enable_disable_round_trip(sd_pipe) -> None:
     assert fxcache.enable(sd_pipe, branch=0, interval=3) is sd_pipe
     assert isinstance(sd_pipe.unet, fxcache.CachedModule) and sd_pipe.unet.model is original
     assert dict(sd_pipe.config) == config_before, "enable must not rewrite the pipeline's config"
-    fxcache.enable(sd_pipe, branch=1, interval=2)  # re-enable replaces the settings
-    assert sd_pipe.unet.model is original and sd_pipe.unet.fxcache_config.branch == 1
+    cached = sd_pipe.unet
+    fxcache.enable(sd_pipe, branch=1, interval=2)  # re-enable replaces the settings, on the same module
+    assert sd_pipe.unet is cached and cached.model is original
+    assert (cached.cache_config.branch, cached.cache_config.interval) == (1, 2)
+    fxcache.enable(sd_pipe, branch=1, schedule=fxcache.full_steps([0, 4]))
+    assert cached.cache_config.interval is None and cached.cache_config.schedule is not None
     fxcache.disable(sd_pipe)
     assert sd_pipe.unet is original
     fxcache.disable(sd_pipe)  # a no-op when not enabled
@@ -112,3 +116,33 @@ def test_consecutive_generations_and_resolution_change(sd_pipe, sd_plain) -> Non
     plain_small = models.generate(sd_pipe, size=8)
     assert torch.equal(first, ref) and torch.equal(second, ref), "each generation starts afresh"
     assert small.shape[-1] == 8 and not torch.equal(small, plain_small)
+
+
+def test_swap_unet_restores_and_leaves_config_alone(sd_pipe) -> None:
+    original, config_before = sd_pipe.unet, dict(sd_pipe.config)
+    other = models.sd_unet(seed=1)
+    with swap_unet(sd_pipe, other) as pipe:
+        assert pipe is sd_pipe and sd_pipe.unet is other
+        assert dict(sd_pipe.config) == config_before, "the swap must not rewrite the pipeline's config"
+    assert sd_pipe.unet is original
+    with pytest.raises(RuntimeError, match="inside"):
+        with swap_unet(sd_pipe, other):
+            raise RuntimeError("inside")
+    assert sd_pipe.unet is original, "restored on an error too"
+
+
+@pytest.mark.slow
+def test_reenable_keeps_the_module_and_counts_per_generation(sd_pipe) -> None:
+    fxcache.enable(sd_pipe, branch=0, interval=2)
+    try:
+        cached = sd_pipe.unet
+        models.generate(sd_pipe, steps=6)
+        st = cached.fxcache_state
+        assert (st.generation_full_steps, st.generation_shallow_steps) == (3, 3)
+        fxcache.enable(sd_pipe, branch=0, interval=3)  # only N changes: same module
+        assert sd_pipe.unet is cached
+        models.generate(sd_pipe, steps=6)
+        assert (st.generation_full_steps, st.generation_shallow_steps) == (2, 4), "counts restart per generation"
+        assert (st.full_steps, st.shallow_steps) == (5, 7), "the cumulative counts do not"
+    finally:
+        fxcache.disable(sd_pipe)

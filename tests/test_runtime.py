@@ -161,3 +161,28 @@ def test_step_source_drives_the_schedule() -> None:
     cached.step_source = lambda: "step 3"
     with pytest.raises(TypeError, match="step_source must return"):
         cached(x, t)
+
+
+def test_configure_changes_only_the_given_settings() -> None:
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=3)
+    assert cached.configure(interval=2) is cached
+    assert (cached.cache_config.branch, cached.cache_config.interval) == (0, 2)
+    cached.configure(schedule=fxcache.full_steps([0, 3]))
+    assert cached.cache_config.interval is None, "interval and schedule are one setting: giving one clears the other"
+    with pytest.raises(ValueError, match="branch=-1 is out of range"):
+        cached.configure(branch=-1)
+    with pytest.raises(ValueError, match="needs the number of denoising steps"):
+        cached.configure(schedule=fxcache.nonuniform(3, center=2))
+    assert cached.cache_config.branch == 0 and cached.cache_config.interval is None, "a refused change changes nothing"
+    with pytest.raises(AttributeError):
+        cached.cache_config = fxcache.CacheConfig()  # type: ignore[misc]
+    cached.configure(interval=2)
+    outs = _run(cached, x, [900.0, 800.0])
+    cached.configure(branch=2)  # another cut: a new generation, starting with a full step
+    outs += _run(cached, x, [700.0, 600.0])
+    assert torch.equal(outs[2], model(x, torch.full((2,), 700.0))), "the first step after a branch change is full"
+    st = cached.fxcache_state
+    assert (st.full_steps, st.shallow_steps) == (2, 2)
+    assert (st.generation_full_steps, st.generation_shallow_steps) == (1, 1)

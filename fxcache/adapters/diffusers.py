@@ -7,6 +7,8 @@ import diffusers, and the core (capture, passes, runtime) knows nothing of it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from fxcache.errors import add_note
 from fxcache.runtime import CachedModule, StepInfo
 from fxcache.schedule import ScheduleLike
 
-__all__ = ["enable", "disable", "branch_from_deepcache_id"]
+__all__ = ["enable", "disable", "swap_unet", "branch_from_deepcache_id"]
 
 
 class _SchedulerSteps:
@@ -79,6 +81,31 @@ def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
     object.__setattr__(pipe, "unet", unet)
 
 
+@contextmanager
+def swap_unet(pipe: Any, unet: torch.nn.Module) -> Iterator[Any]:
+    """Run ``pipe`` with ``unet`` in place of ``pipe.unet`` inside the block; the previous one is back after it.
+
+    ``pipe.config`` is not touched (diffusers' own ``pipe.unet = ...`` would record the new module
+    there, and ``save_pretrained`` with it). For comparing a plain, a compiled or a cached UNet on one
+    pipeline. Yields ``pipe``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> pipe = SimpleNamespace(unet="original")
+        >>> with swap_unet(pipe, "other"):
+        ...     print(pipe.unet)
+        other
+        >>> pipe.unet
+        'original'
+    """
+    previous = pipe.unet
+    _set_unet(pipe, unet)
+    try:
+        yield pipe
+    finally:
+        _set_unet(pipe, previous)
+
+
 def enable(
     pipe: Any,
     branch: int = 0,
@@ -95,7 +122,9 @@ def enable(
     device sync), fxcache reads the scheduler's timesteps once per generation and counts calls.
     A schedule that needs the number of steps (``nonuniform``) gets the number of denoising calls
     the pipeline will make. ``interval``, ``schedule`` and ``compile`` are as in
-    :func:`fxcache.transform`. Calling ``enable`` again replaces the settings.
+    :func:`fxcache.transform`. Calling ``enable`` again on an enabled pipeline replaces the settings
+    through :meth:`CachedModule.configure` on the same module, so graphs already built for the same
+    branch and compile setting are kept (changing only ``interval`` recaptures nothing).
     ``pipe.config`` is left untouched, and :func:`disable` puts the original UNet object back.
 
     Example:
@@ -105,6 +134,9 @@ def enable(
         >>> fxcache.disable(pipe)                                    # doctest: +SKIP
     """
     unet = getattr(pipe, "unet", None)
+    if isinstance(unet, _PipelineUNet) and unet._pipe_ref() is pipe:
+        unet.configure(branch=branch, interval=interval, schedule=schedule, compile=compile)
+        return pipe
     if isinstance(unet, CachedModule):
         unet = unet.model
     if not isinstance(unet, torch.nn.Module):
