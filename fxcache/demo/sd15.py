@@ -22,12 +22,12 @@ import torch
 if TYPE_CHECKING:  # annotations only: importing fxcache.demo.sd15 must not import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-__all__ = ["main", "quiet_hf_logs", "random_prompt_embeds", "sd15_unet", "sd_pipeline", "tiny_vae"]
+__all__ = ["SD15_UNET_CONFIG", "main", "quiet_hf_logs", "random_prompt_embeds", "sd15_unet", "sd_pipeline", "tiny_vae"]
 
 _T = TypeVar("_T")
 
 # Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json), minus the weights.
-_SD15_UNET_CONFIG: dict[str, Any] = dict(
+SD15_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=64,
     in_channels=4,
     out_channels=4,
@@ -53,7 +53,7 @@ def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**_SD15_UNET_CONFIG).eval()  # fp32: torch's default dtype
+    return UNet2DConditionModel(**SD15_UNET_CONFIG).eval()  # fp32: torch's default dtype
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
