@@ -25,4 +25,4 @@ sd15: $(VENV)/.installed
 	$(PY) -m fxcache sd15
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_core.py
+	$(PY) -m benchmarks.core
