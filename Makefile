@@ -25,7 +25,7 @@ sd15: $(VENV)/.installed
 	$(PY) -m fxcache sd15
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_core.py
+	$(PY) -m benchmarks.core
 
 # The GPU check end to end on CPU, in a venv made like the GPU machine (see benchmarks/gpu_dryrun.sh).
 gpu-dryrun:

@@ -27,7 +27,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -40,6 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import call_seconds, machine, sync, version, write_json
+from benchmarks.compile_methods import MarkStep
+from benchmarks.gpu_report import counters_diff as _diff
+from benchmarks.gpu_report import counters_now as _counters
+from benchmarks.gpu_report import report
 
 FX_COMPILED = "fxcache compiled"  # compile=True: on CUDA, Inductor's CUDA graph trees (reduce-overhead)
 FX_OWN = "fxcache compiled (own graphs)"  # compile={"cudagraphs": True}: fxcache's own CUDA graphs
@@ -110,49 +115,18 @@ def preflight(device: str) -> list[str]:
 
 
 def environment() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
-    for dist in ("triton", "diffusers", "DeepCache", "numpy"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = None
+    env = {**machine(), "triton": version("triton"), "numpy": version("numpy")}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(
-            gpu=p.name,
-            gpu_mem_gib=round(p.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-    env["threads"] = torch.get_num_threads()
+        env.update(device=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())  # fmt: skip
     return env
 
 
 def psnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     from fxcache.metrics import psnr
 
-    return psnr(ref, x, data_range=float(ref.max() - ref.min()))
-
-
-class _MarkStep(torch.nn.Module):
-    """The plain compiled U-Net as a pipeline sees it, marking each call a new CUDA-graph step as fxcache does."""
-
-    def __init__(self, compiled: torch.nn.Module, cudagraphs: bool) -> None:
-        super().__init__()
-        self.inner, self.cudagraphs = compiled, cudagraphs
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.inner(*args, **kwargs)
+    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
 
 
 class Check:
@@ -179,16 +153,13 @@ class Check:
         self.results["log"].append(line)
 
     def save(self) -> None:
-        tmp = self.out / "gpu_check.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        tmp.replace(self.out / "gpu_check.json")
+        write_json(self.out / "gpu_check.json", self.results)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
 
     def stage(self, name: str, fn: Callable[[], Any], min_s: float = 0.0) -> Any:
         if self.left() < min_s:
@@ -203,21 +174,17 @@ class Check:
             traceback.print_exc()
             self.results["errors"][name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             self.log(f"{name}: FAILED ({self.results['errors'][name]})")
-            self.swap(self.unet)
             return None
         finally:
             self.save()
-
-    def swap(self, unet: torch.nn.Module) -> None:
-        object.__setattr__(self.pipe, "unet", unet)  # a temporary swap that leaves pipe.config alone
 
     # -- the model and the pipeline ----------------------------------------------------------------------------
     def build(self) -> None:
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
-        from fxcache.sd15 import _SD15_UNET_CONFIG, sd_pipeline
+        from fxcache.demo.sd15 import SD15_UNET_CONFIG, sd_pipeline
 
-        config = _SD15_UNET_CONFIG if self.sc.model == "sd15" else TINY_UNET
+        config = SD15_UNET_CONFIG if self.sc.model == "sd15" else TINY_UNET
         torch.manual_seed(0)
         with self.device:  # initialise on the device: seconds instead of a minute on the host for 860M weights
             unet = UNet2DConditionModel(**config)
@@ -296,16 +263,9 @@ class Check:
             res["gpu_us"] = statistics.median(gpus) * 1e6
         return res
 
-    def b2b_seconds(self, call: Callable[[], Any], k: int = 10) -> float:
-        with torch.no_grad():
-            for _ in range(3):  # CUDA graph trees: warm up, record, replay
-                call()
-            self.sync()
-            t = time.perf_counter()
-            for _ in range(k):
-                call()
-            self.sync()
-        return (time.perf_counter() - t) / k
+    def b2b_seconds(self, call: Callable[[], Any]) -> float:
+        with torch.no_grad():  # 3 warm-up calls: CUDA graph trees warm up, record, replay
+            return call_seconds(call, reps=10, warmup=3, device=self.device)
 
     def record(self, name: str, n: int, gen_s: float, latents: torch.Tensor, **extra: Any) -> dict[str, Any]:
         row = {"N": n, "gen_s": gen_s, "steps_per_s": self.sc.steps / gen_s, **extra}
@@ -372,7 +332,7 @@ class Check:
             self.results.setdefault("one_time_s", {})[name] = time.perf_counter() - t
             counters1 = _counters()
             for n in self.sc.intervals:
-                _set_interval(cached, n)
+                cached.configure(interval=n)
                 gen_s, latents = self.timed()
                 durations = self.step_durations()
                 full_d = [d for i, d in enumerate(durations, start=1) if i % n == 0]
@@ -412,11 +372,14 @@ class Check:
             fxcache.disable(self.pipe)
 
     def plain_compiled(self) -> None:
+        from fxcache.adapters.diffusers import swap_unet
+
         opts = {"mode": "reduce-overhead"} if self.cuda else {}
-        compiled = _MarkStep(torch.compile(self.unet, fullgraph=True, dynamic=False, **opts), cudagraphs=self.cuda)
-        self.swap(compiled)
+        compiled = torch.compile(self.unet, fullgraph=True, dynamic=False, **opts)
+        if self.cuda:
+            compiled = MarkStep(compiled)  # each call a new CUDA-graph step, as fxcache marks its own
         counters0 = _counters()
-        try:
+        with swap_unet(self.pipe, compiled):
             t = time.perf_counter()
             self.generate(steps=3)
             self.sync()
@@ -439,8 +402,6 @@ class Check:
                 "warm_up": _diff(counters0, counters1),
                 "steady": _diff(counters1, _counters()),
             }
-        finally:
-            self.swap(self.unet)
 
     # -- the report --------------------------------------------------------------------------------------------
     def summarize(self) -> None:
@@ -476,78 +437,6 @@ class Check:
             }
         self.save()
         print(report(self.results), flush=True)
-
-
-def _set_interval(cached: Any, n: int) -> None:
-    if hasattr(cached, "configure"):
-        cached.configure(interval=n)
-    else:  # fxcache before the public configure(): the same graphs, another schedule
-        import dataclasses
-
-        cached.fxcache_config = dataclasses.replace(cached.fxcache_config, interval=n, schedule=None)
-
-
-def _counters() -> dict[str, dict[str, int]]:
-    from torch._dynamo.utils import counters
-
-    return {ns: dict(c) for ns, c in counters.items()}
-
-
-def _diff(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    out = {}
-    for ns, c in b.items():
-        if ns not in ("stats", "inductor", "aot_autograd", "recompiles", "frames"):
-            continue  # per-shape matmul tallies and the like
-        d = {k: v - a.get(ns, {}).get(k, 0) for k, v in c.items() if isinstance(v, int)}
-        d = {k: v for k, v in d.items() if v}
-        if d:
-            out[ns] = d
-    return out
-
-
-def report(res: dict[str, Any]) -> str:
-    def f(v: Any, spec: str = ".1f") -> str:
-        return "" if v is None else format(v, spec)
-
-    lines = [
-        f"# GPU check: {res['env'].get('gpu', 'CPU')}, torch {res['env']['torch']}, {res['scenario']}",
-        "",
-        "| method | N | gen ms | it/s | full ms | shallow ms | f b2b | f gen | % ideal (b2b) | % ideal (gen) "
-        "| vs plain | vs helper | PSNR dB |",
-        "|" + "---|" * 13,
-    ]
-    for name, rows in res["methods"].items():
-        for row in rows.values():
-            pct = [row.get(f"fraction_of_ideal_{k}") for k in ("f_b2b", "f_gen")]
-            lines.append(
-                f"| {name} | {row['N']} | {row['gen_s'] * 1e3:.1f} | {row['steps_per_s']:.1f} "
-                f"| {f(row.get('full_ms'), '.2f')} "
-                f"| {f(row.get('shallow_ms'), '.2f')} | {f(row.get('f_b2b'), '.3f')} | {f(row.get('f_gen'), '.3f')} "
-                f"| {f(pct[0] and 100 * pct[0], '.0f')} | {f(pct[1] and 100 * pct[1], '.0f')} "
-                f"| {f(row.get('speedup_vs_plain'), '.2f')} | {f(row.get('speedup_vs_helper'), '.2f')} "
-                f"| {f(row.get('psnr_db'))} |"
-            )
-    for name, rows in res["methods"].items():
-        row = next(iter(rows.values()))
-        for call in ("full_call", "shallow_call"):
-            if call in row:
-                host, gpu = row[call]["host_us"], row[call].get("gpu_us")
-                share = f" (host = {100 * host / gpu:.0f}% of GPU time)" if gpu else ""
-                lines.append(f"{name} {call}: host {host:.0f} us, GPU {f(gpu, '.0f')} us{share}")
-        if "host_us" in row:
-            lines.append(f"{name} call: host {row['host_us']:.0f} us, GPU {f(row.get('gpu_us'), '.0f')} us")
-        if "max_abs_diff_vs_helper" in row:
-            lines.append(
-                f"{name} vs DeepCacheSDHelper, max abs latent diff: "
-                + ", ".join(f"N={r['N']}: {r.get('max_abs_diff_vs_helper')}" for r in rows.values())
-            )
-    for name, c in res.get("counters", {}).items():
-        lines.append(f"{name} counters: {json.dumps(c)}")
-    for k, t in res.get("targets", {}).items():
-        lines.append(f"target {k} >= {t['min']}: {f(t['value'], '.3f')} {'PASS' if t['pass'] else 'FAIL'}")
-    lines += [f"skipped {k}: {v}" for k, v in res["skipped"].items()]
-    lines += [f"error {k}: {v}" for k, v in res["errors"].items()]
-    return "\n".join(lines)
 
 
 T0 = time.monotonic()

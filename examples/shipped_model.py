@@ -7,7 +7,8 @@ import torch
 from diffusers import DDIMPipeline
 
 import fxcache
-from fxcache import toy
+from fxcache.demo import toy
+from fxcache.metrics import psnr
 
 pipe = DDIMPipeline(unet=toy.load_demo_unet(), scheduler=toy.demo_scheduler())
 pipe.set_progress_bar_config(disable=True)
@@ -23,7 +24,8 @@ fxcache.enable(pipe, branch=0, interval=3)  # pipe.unet now runs DeepCache: 9 fu
 cached = generate()
 fxcache.disable(pipe)
 
-print("PSNR of each cached image against its uncached twin (dB):", toy.psnr(cached, uncached, 1.0).round().tolist())
+psnr_db = psnr(uncached, cached, data_range=1.0, per_image=True)  # pixels in [0, 1]: data range 1
+print("PSNR of each cached image against its uncached twin (dB):", psnr_db.round().tolist())
 rows = torch.cat([uncached, cached]).clamp(0, 1)  # top row uncached, bottom row cached
 grid = (rows * 255).round().byte().view(2, 8, 3, 32, 32).permute(0, 3, 1, 4, 2).reshape(64, 256, 3)
 from PIL import Image  # noqa: E402

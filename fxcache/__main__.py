@@ -28,11 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
-        from fxcache.demo import main as demo_main  # imports diffusers only when asked to
+        from fxcache.demo.run import main as demo_main  # imports diffusers only when asked to
 
         return demo_main(argv[1:])
     if argv[:1] == ["sd15"]:
-        from fxcache.sd15 import main as sd15_main
+        from fxcache.demo.sd15 import main as sd15_main
 
         return sd15_main(argv[1:])
     if argv[:1] in (["-h"], ["--help"], ["help"]):

@@ -1,16 +1,16 @@
-"""Train the demo's U-Net and its feature classifier; write them to ``fxcache/assets``.
+"""Train the demo's U-Net and its feature classifier; write them to ``fxcache/demo/assets``.
 
     python scripts/train_demo_model.py                 # about 20 minutes on a 2-core CPU
     python scripts/train_demo_model.py --steps 50 --classifier-steps 20 --out /tmp/x   # a smoke run
 
 What it does, deterministically given ``--seed`` (same machine, same torch build):
 
-1. draws a training set with :func:`fxcache.toy.shapes` (coloured shapes, 32x32) and a held-out set
+1. draws a training set with :func:`fxcache.demo.toy.shapes` (coloured shapes, 32x32) and a held-out set
    from a different seed;
-2. trains :class:`fxcache.toy.Classifier` to tell the 15 classes apart and reports its held-out
+2. trains :class:`fxcache.demo.toy.Classifier` to tell the 15 classes apart and reports its held-out
    accuracy (its penultimate features are the demo's FID-style score);
-3. trains a diffusers ``UNet2DModel`` (:data:`fxcache.toy.UNET_CONFIG`) as a v-predicting DDPM with the
-   cosine noise schedule (:data:`fxcache.toy.SCHEDULER_CONFIG`), AdamW, warm-up then cosine
+3. trains a diffusers ``UNet2DModel`` (:data:`fxcache.demo.toy.UNET_CONFIG`) as a v-predicting DDPM with the
+   cosine noise schedule (:data:`fxcache.demo.toy.SCHEDULER_CONFIG`), AdamW, warm-up then cosine
    learning-rate decay, and keeps an exponential moving average of its weights, which is what ships;
 4. writes ``demo_unet.safetensors``, ``demo_classifier.safetensors`` (config and training record in the
    metadata) and ``MODEL_CARD.md``.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxcache import toy  # noqa: E402
+from fxcache.demo import toy  # noqa: E402
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> tuple[toy.Classifier, list[float]]:
@@ -123,7 +123,7 @@ def main() -> int:
     ap.add_argument("--classifier-steps", type=int, default=600)
     ap.add_argument("--train-size", type=int, default=30000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=toy.ASSETS, help="output folder (default fxcache/assets)")
+    ap.add_argument("--out", type=Path, default=toy.ASSETS, help="output folder (default fxcache/demo/assets)")
     args = ap.parse_args()
     from safetensors.torch import save_file
 
@@ -182,18 +182,18 @@ def model_card(r: dict, params: int) -> str:
 A small unconditional diffusion model that ships with fxcache so that `python -m fxcache demo` shows real
 images offline. Trained from scratch by `scripts/train_demo_model.py` (seed {r["seed"]}); nothing was downloaded.
 
-- **Data:** `fxcache.toy.shapes`: 32x32 RGB images of one shape (circle, square, triangle, ring, cross) in one
+- **Data:** `fxcache.demo.toy.shapes`: 32x32 RGB images of one shape (circle, square, triangle, ring, cross) in one
   of three colour families (red, green, blue) on a dark background, with random position, size, rotation and
   shade; drawn by the code itself. {r["train_size"]} training images (seed {r["seed"]}).
 - **Model:** diffusers `UNet2DModel`, {params:,} parameters, fp32: four levels (16, 32, 64, 64 channels; 32 to
   4 px), one ResNet layer per level, self-attention at 4 px; 8 skip connections (fxcache branches 0-7).
   v-prediction, 1000-step cosine ("squaredcos_cap_v2") noise schedule; sampled with DDIM ("trailing"
-  timestep spacing, `fxcache.toy.demo_scheduler()`).
+  timestep spacing, `fxcache.demo.toy.demo_scheduler()`).
 - **Training:** {r["unet_steps"]} AdamW steps, batch {r["batch"]}, peak learning rate {r["lr"]} (warm-up, then cosine
   decay), gradient clipping 1.0; the shipped weights are the exponential moving average (decay {r["ema_decay"]}).
   Final training loss (MSE on v, mean of the last 200 steps): {r["final_loss_avg200"]}.
   {r["unet_train_seconds"]} s on {r["machine"]}, torch {r["torch"]}.
-- **Feature classifier** (`demo_classifier.safetensors`, `fxcache.toy.Classifier`): a 6-layer CNN trained
+- **Feature classifier** (`demo_classifier.safetensors`, `fxcache.demo.toy.Classifier`): a 6-layer CNN trained
   {r["classifier_steps"]} steps to tell the 15 shape-colour classes apart; held-out accuracy
   {r["classifier_heldout_accuracy"]:.2%} on 2000 images from another seed. Its 128 pooled features give the demo's
   FID-style Frechet distance.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxcache.sd15 import tiny_vae  # the same one-block VAE the demo uses
+from fxcache.demo.sd15 import tiny_vae  # the same one-block VAE the demo uses
 
 
 class ResBlock(nn.Module):

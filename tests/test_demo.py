@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import demo, toy
 from fxcache.__main__ import main as cli_main
+from fxcache.demo import run as demo
+from fxcache.demo import toy
 
 
 def test_shipped_weights_are_small_and_load():

@@ -1,12 +1,12 @@
-"""The demo's own small world: a procedural data set, the trained U-Net that ships with fxcache, and
-the image-quality measures the demo reports.
+"""The demo's own small world: a procedural data set, and the trained U-Net and feature classifier that
+ship with fxcache (the image-quality measures are in :mod:`fxcache.metrics`).
 
 No diffusion weights can be downloaded where fxcache is developed, so the project trains a small
 ``UNet2DModel`` on a data set it draws itself (``scripts/train_demo_model.py``) and ships the weights in
-``fxcache/assets``. The same script trains a small classifier on the same data; its penultimate features
+``fxcache/demo/assets``. The same script trains a small classifier on the same data; its penultimate features
 give a Frechet distance between generated and real images, in the manner of FID.
 
-``import fxcache.toy`` needs torch only; diffusers and safetensors are imported by the loaders.
+``import fxcache.demo.toy`` needs torch only; diffusers and safetensors are imported by the loaders.
 """
 
 from __future__ import annotations
@@ -30,12 +30,9 @@ __all__ = [
     "IMAGE_SIZE",
     "Classifier",
     "demo_scheduler",
-    "frechet_distance",
     "load_classifier",
     "load_demo_unet",
-    "psnr",
     "shapes",
-    "ssim",
 ]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -166,7 +163,7 @@ def training_record() -> dict[str, Any]:
 
 
 def load_demo_unet() -> UNet2DModel:
-    """The trained demo ``UNet2DModel`` (fp32, eval mode, on CPU) from ``fxcache/assets``.
+    """The trained demo ``UNet2DModel`` (fp32, eval mode, on CPU) from ``fxcache/demo/assets``.
 
     Example:
         >>> unet = load_demo_unet()                         # doctest: +SKIP
@@ -194,62 +191,3 @@ def demo_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULER_CONFIG)
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB of each image in ``x`` against ``ref`` (shape ``batch``).
-
-    Identical images give ``inf``. Example:
-        >>> a = torch.zeros(1, 3, 4, 4)
-        >>> psnr(a + 0.02, a).round()
-        tensor([40.])
-    """
-    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(data_range**2 / mse)).float()
-
-
-def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Structural similarity of each image in ``x`` against ``ref`` (shape ``batch``), averaged over channels.
-
-    The standard form (Wang et al. 2004): 7x7 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03.
-
-    Example:
-        >>> a = torch.rand(2, 3, 16, 16)
-        >>> ssim(a, a, data_range=1.0)
-        tensor([1., 1.])
-    """
-    x, ref = x.double(), ref.double()
-    k = torch.exp(-((torch.arange(7, dtype=torch.float64) - 3) ** 2) / (2 * 1.5**2))
-    k = (k / k.sum()).view(1, 1, 1, 7)
-    c = x.shape[1]
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        t = F.conv2d(t, k.expand(c, 1, 1, 7), groups=c)
-        return F.conv2d(t, k.transpose(2, 3).expand(c, 1, 7, 1), groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(ref)
-    vx, vy, cov = blur(x * x) - mx * mx, blur(ref * ref) - my * my, blur(x * ref) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows are samples), as in FID.
-
-    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, with the trace of the matrix square root
-    taken from the eigenvalues of ``S_a^(1/2) S_b S_a^(1/2)`` (symmetric, so ``eigh`` suffices).
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> a = torch.randn(500, 4, generator=g)
-        >>> abs(round(frechet_distance(a, a), 6)), round(frechet_distance(a, a + 1), 3)
-        (0.0, 4.0)
-    """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(cov_a)
-    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)

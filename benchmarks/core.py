@@ -1,7 +1,9 @@
 """Core benchmark: what a shallow step costs, and what DeepCache buys in a whole generation.
 
-    python benchmarks/bench_core.py [--size 256] [--steps 10] [--interval 5] [--out benchmarks/out]
-    python benchmarks/bench_core.py --size 64 --steps 4      # smoke run, a couple of minutes
+    python -m benchmarks.core [--size 256] [--steps 10] [--interval 5] [--out benchmarks/out]
+    python -m benchmarks.core --size 64 --steps 4      # smoke run, a couple of minutes
+
+(from the repository root; ``make bench`` runs the first line).
 
 Model: the Stable Diffusion 1.5 U-Net architecture with random weights (nothing can be downloaded),
 fp32 on CPU, batch 2 (classifier-free guidance), latents of size/8. Three measurements:
@@ -25,17 +27,10 @@ A run is data: a :class:`Scenario` in, :class:`Row` s out, printed as tables and
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.metadata
-import json
 import math
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -43,13 +38,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-import fxcache  # noqa: E402
-from fxcache.adapters.diffusers import branch_from_deepcache_id  # noqa: E402
-from fxcache.capture import capture, flatten_call  # noqa: E402
-from fxcache.passes import bind_cache_buffer, extract_subgraph, find_skip_merges, split_at_branch  # noqa: E402
-from fxcache.sd15 import LATENT_FACTOR, psnr, quiet_hf_logs, random_prompt_embeds, sd15_unet, sd_pipeline  # noqa: E402
+import fxcache
+from benchmarks.common import fmt, log, machine, median_seconds, peak_rss_mib, table, write_csv, write_json
+from fxcache.adapters.diffusers import branch_from_deepcache_id
+from fxcache.capture import capture, flatten_call
+from fxcache.demo.sd15 import LATENT_FACTOR, quiet_hf_logs, random_prompt_embeds, sd15_unet, sd_pipeline
+from fxcache.metrics import psnr
+from fxcache.passes import bind_cache_buffer, extract_subgraph, find_skip_merges, split_at_branch
 
 # The targets (see the module docstring).
 MAX_SHALLOW_RATIO = 0.10  # branch 0's shallow step / full step, in time
@@ -114,22 +109,9 @@ class Check:
 # -- measuring -------------------------------------------------------------------------------------
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()  # CPU: nothing to synchronise
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+def _latent_psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR of latents against the plain run's; latents have no fixed range, so the peak is the reference's."""
+    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
 
 
 def measure_steps(unet: torch.nn.Module, sc: Scenario, prompt: torch.Tensor) -> tuple[list[Row], float]:
@@ -139,11 +121,11 @@ def measure_steps(unet: torch.nn.Module, sc: Scenario, prompt: torch.Tensor) -> 
     args, kwargs = (sample, torch.tensor(999)), {"encoder_hidden_states": prompt}
     rows: list[Row] = []
 
-    _log("step: plain U-Net, eager")
-    eager_s = _median_seconds(lambda: unet(*args, **kwargs), sc.reps)
-    rows.append(Row("step", "unet eager (full)", eager_s, _peak_rss_mib()))
+    log("step: plain U-Net, eager")
+    eager_s = median_seconds(lambda: unet(*args, **kwargs), sc.reps)
+    rows.append(Row("step", "unet eager (full)", eager_s, peak_rss_mib()))
 
-    _log("step: capture + find skips + split (one-time cost of fxcache)")
+    log("step: capture + find skips + split (one-time cost of fxcache)")
     start = time.perf_counter()
     captured = capture(unet, args, kwargs)
     merges = find_skip_merges(captured.gm)
@@ -165,15 +147,15 @@ def measure_steps(unet: torch.nn.Module, sc: Scenario, prompt: torch.Tensor) -> 
         cache = deep.clone()
         full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
         if i == 0:  # the full graph costs about the same for every branch (one more copy)
-            _log("step: fxcache full graph")
-            full_s = _median_seconds(partial(full, *leaves), sc.reps)
-            rows.append(Row("step", "fxcache full graph", full_s, _peak_rss_mib(), time_ratio=1.0))
-        _log(f"step: fxcache shallow graph, branch {i}")
-        shallow_s = _median_seconds(partial(shallow, *leaves), sc.reps)
+            log("step: fxcache full graph")
+            full_s = median_seconds(partial(full, *leaves), sc.reps)
+            rows.append(Row("step", "fxcache full graph", full_s, peak_rss_mib(), time_ratio=1.0))
+        log(f"step: fxcache shallow graph, branch {i}")
+        shallow_s = median_seconds(partial(shallow, *leaves), sc.reps)
         b = branches[i]
         rows.append(
             Row(
-                "step", f"fxcache shallow graph, branch {i}", shallow_s, _peak_rss_mib(), branch=i,
+                "step", f"fxcache shallow graph, branch {i}", shallow_s, peak_rss_mib(), branch=i,
                 cache_shape="x".join(map(str, b.cache_shape)), flops_fraction=b.flops_fraction,
                 time_ratio=shallow_s / full_s,
             )
@@ -197,13 +179,13 @@ def measure_generation(unet: torch.nn.Module, sc: Scenario) -> list[Row]:
         ).images  # fmt: skip
 
     def run(label: str) -> tuple[torch.Tensor, float, float]:
-        _log(f"generation: {label}, warm-up ({warmup_steps} steps)")
+        log(f"generation: {label}, warm-up ({warmup_steps} steps)")
         start = time.perf_counter()
         generate(warmup_steps)
         warmup_s = time.perf_counter() - start
         times, latents = [], None
         for r in range(sc.gen_reps):
-            _log(f"generation: {label}, timed run {r + 1}/{sc.gen_reps} ({sc.steps} steps)")
+            log(f"generation: {label}, timed run {r + 1}/{sc.gen_reps} ({sc.steps} steps)")
             start = time.perf_counter()
             latents = generate(sc.steps)
             times.append(time.perf_counter() - start)
@@ -236,7 +218,7 @@ def measure_generation(unet: torch.nn.Module, sc: Scenario) -> list[Row]:
     finally:
         helper.disable()
 
-    rss = _peak_rss_mib()
+    rss = peak_rss_mib()
     diff = float((ours - ref).abs().max())
     return [
         Row("generation", "plain pipeline", plain_s, rss, warmup_seconds=plain_warm,
@@ -244,11 +226,12 @@ def measure_generation(unet: torch.nn.Module, sc: Scenario) -> list[Row]:
             psnr_db=None),  # the reference
         Row("generation", "fxcache.enable", ours_s, rss, warmup_seconds=ours_warm,
             full_steps=n_full, shallow_steps=n_shallow, speedup_vs_plain=plain_s / ours_s,
-            speedup_vs_helper=ref_s / ours_s, psnr_db=psnr(plain, ours), max_abs_diff_vs_helper=diff,
+            speedup_vs_helper=ref_s / ours_s, psnr_db=_latent_psnr(plain, ours), max_abs_diff_vs_helper=diff,
             identical_to_helper=torch.equal(ours, ref)),
         Row("generation", "DeepCacheSDHelper", ref_s, rss, warmup_seconds=ref_warm,
             full_steps=n_full, shallow_steps=n_shallow, speedup_vs_plain=plain_s / ref_s,
-            speedup_vs_helper=1.0, psnr_db=psnr(plain, ref), max_abs_diff_vs_helper=0.0, identical_to_helper=True),
+            speedup_vs_helper=1.0, psnr_db=_latent_psnr(plain, ref), max_abs_diff_vs_helper=0.0,
+            identical_to_helper=True),
     ]  # fmt: skip
 
 
@@ -281,56 +264,15 @@ def check_targets(rows: list[Row], sc: Scenario) -> tuple[list[Check], dict[str,
 # -- describing and writing -------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": importlib.metadata.version("diffusers"),
-        "DeepCache": importlib.metadata.version("DeepCache"),
-        "fxcache": fxcache.__version__,
-        "load_average_1min_at_start": os.getloadavg()[0],  # > ~0.5: something else is competing for the cores
-    }
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else format(value, spec)
-    return str(value)
-
-
-def _table(head: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 _GENERATION_COLUMNS = ["engine", "time (s)", "warm-up (s)", "full+shallow", "vs plain", "vs helper", "PSNR (dB)",
                        "max|diff| vs helper", "bit-identical"]  # fmt: skip
 
 
 def _generation_cells(r: Row) -> list[str]:
     return [
-        r.name, _fmt(r.seconds, ".2f"), _fmt(r.warmup_seconds, ".2f"), f"{r.full_steps}+{r.shallow_steps}",
-        _fmt(r.speedup_vs_plain, ".2f") + "x", _fmt(r.speedup_vs_helper, ".2f") + "x", _fmt(r.psnr_db, ".1f"),
-        _fmt(r.max_abs_diff_vs_helper, ".3g"), _fmt(r.identical_to_helper),
+        r.name, fmt(r.seconds, ".2f"), fmt(r.warmup_seconds, ".2f"), f"{r.full_steps}+{r.shallow_steps}",
+        fmt(r.speedup_vs_plain, ".2f") + "x", fmt(r.speedup_vs_helper, ".2f") + "x", fmt(r.psnr_db, ".1f"),
+        fmt(r.max_abs_diff_vs_helper, ".3g"), fmt(r.identical_to_helper),
     ]  # fmt: skip
 
 
@@ -349,13 +291,13 @@ def report(sc: Scenario, env: dict[str, Any], capture_s: float, rows: list[Row],
         f"branch {sc.branch}",
         "",
         f"One step (median of {sc.reps} after a warm-up); fxcache capture + split: {capture_s:.1f} s, once",
-        _table(
+        table(
             ["step", "cache", "FLOPs/full", "time (s)", "time/full"],
-            [[r.name, r.cache_shape, _fmt(r.flops_fraction), _fmt(r.seconds), _fmt(r.time_ratio)] for r in steps],
+            [[r.name, r.cache_shape, fmt(r.flops_fraction), fmt(r.seconds), fmt(r.time_ratio)] for r in steps],
         ),
         "",
         f"One generation ({sc.steps} steps; time: median of {sc.gen_reps} after a 2-step warm-up)",
-        _table(_GENERATION_COLUMNS, [_generation_cells(r) for r in gens]),
+        table(_GENERATION_COLUMNS, [_generation_cells(r) for r in gens]),
         f"ideal speedup N/(1+(N-1)f) = {ideal['ideal_speedup']:.2f}x with f = {ideal['shallow_time_ratio']:.3f} "
         f"(measured shallow/full time, branch {sc.branch}); for this run's "
         f"{gens[1].full_steps}+{gens[1].shallow_steps} steps {ideal['ideal_speedup_this_schedule']:.2f}x; "
@@ -363,27 +305,15 @@ def report(sc: Scenario, env: dict[str, Any], capture_s: float, rows: list[Row],
         f"peak RSS {max(r.peak_rss_mib for r in rows):.0f} MiB",
         "",
         "Targets",
-        *(f"  {'PASS' if c.passed else 'FAIL'}  {c.name} = {_fmt(c.value, '.3g')} (target {c.target})" for c in checks),
+        *(f"  {'PASS' if c.passed else 'FAIL'}  {c.name} = {fmt(c.value, '.3g')} (target {c.target})" for c in checks),
     ]
     if sc.size < 256:
         out.append(f"  (the time targets are set for 256 px; at {sc.size} px fixed per-op costs weigh more)")
     return "\n".join(out)
 
 
-def _jsonable(value: Any) -> Any:
-    # Strict JSON has no Infinity/NaN (a PSNR of identical latents is inf): write them as strings.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write(out_dir: Path, sc: Scenario, env: dict[str, Any], capture_s: float, rows: list[Row], checks: list[Check],
           ideal: dict[str, float]) -> tuple[Path, Path]:  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_info = {
         "run": sc.name, **{f"scenario_{k}": v for k, v in asdict(sc).items()}, "latent": sc.latent,
         "sample_shape": f"{sc.batch}x4x{sc.latent}x{sc.latent}", "text_shape": f"{sc.batch}x77x768", **env,
@@ -398,19 +328,17 @@ def write(out_dir: Path, sc: Scenario, env: dict[str, Any], capture_s: float, ro
         "rows": [asdict(r) for r in rows],
         "checks": [asdict(c) for c in checks],
     }
-    json_path = out_dir / f"{sc.name}.json"
-    json_path.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
-    csv_path = out_dir / f"{sc.name}.csv"
-    with csv_path.open("w", newline="") as fh:  # one row per measurement, the run's context on every row
-        writer = csv.DictWriter(fh, fieldnames=[*run_info, "capture_seconds", *(f.name for f in fields(Row))])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**run_info, "capture_seconds": capture_s, **asdict(r)})
+    json_path = write_json(out_dir / f"{sc.name}.json", result)
+    csv_path = write_csv(  # one row per measurement, the run's context on every row
+        out_dir / f"{sc.name}.csv",
+        [*run_info, "capture_seconds", *(f.name for f in fields(Row))],
+        ({**run_info, "capture_seconds": capture_s, **asdict(r)} for r in rows),
+    )
     return json_path, csv_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="pixels; multiple of 64 (default 256: 32x32 latents)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps per generation (default 10)")
     parser.add_argument("--interval", type=int, default=5, help="N: one full step every N (default 5)")
@@ -429,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_hf_logs()
     env = machine()
-    _log(f"{sc.name} on {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads)")
+    log(f"{sc.name} on {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads)")
     if env["load_average_1min_at_start"] > 0.5:
         # torch's OpenMP threads wait for each other: one busy core can slow every op several times over.
-        _log(f"warning: load average {env['load_average_1min_at_start']:.2f}: other processes are using the CPU, "
+        log(f"warning: load average {env['load_average_1min_at_start']:.2f}: other processes are using the CPU, "
              "so these timings will be noisy")  # fmt: skip
-    _log("building the SD1.5 U-Net architecture with random weights")
+    log("building the SD1.5 U-Net architecture with random weights")
     unet = sd15_unet(sc.seed)
     emb, neg = random_prompt_embeds(sc.seed)
     start = time.perf_counter()
@@ -442,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         step_rows, capture_s = measure_steps(unet, sc, torch.cat([neg, emb]))
     rows = step_rows + measure_generation(unet, sc)
     checks, ideal = check_targets(rows, sc)
-    _log(f"measured in {time.perf_counter() - start:.0f} s\n")
+    log(f"measured in {time.perf_counter() - start:.0f} s\n")
     print(report(sc, env, capture_s, rows, checks, ideal))
     json_path, csv_path = write(a.out, sc, env, capture_s, rows, checks, ideal)
     print(f"\nwrote {json_path} and {csv_path}")

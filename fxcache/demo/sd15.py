@@ -5,13 +5,13 @@ No weights can be downloaded, so the models are built from their configs with ra
 and how closely its latents agree with the uncached ones.
 
 The builders here (:func:`sd15_unet`, :func:`tiny_vae`, :func:`sd_pipeline`) are shared with
-``benchmarks/``. diffusers is imported inside them only, so ``import fxcache`` stays free of it.
+``benchmarks/`` and the tests. diffusers is imported inside them only, so importing this module stays free
+of it (and ``import fxcache`` never imports this module).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: importing fxcache.sd15 must not import diffusers
+if TYPE_CHECKING:  # annotations only: importing fxcache.demo.sd15 must not import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-__all__ = ["main", "psnr", "quiet_hf_logs", "random_prompt_embeds", "sd15_unet", "sd_pipeline", "tiny_vae"]
+__all__ = ["SD15_UNET_CONFIG", "main", "quiet_hf_logs", "random_prompt_embeds", "sd15_unet", "sd_pipeline", "tiny_vae"]
 
 _T = TypeVar("_T")
 
 # Stable Diffusion 1.5's U-Net (runwayml/stable-diffusion-v1-5, unet/config.json), minus the weights.
-_SD15_UNET_CONFIG: dict[str, Any] = dict(
+SD15_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=64,
     in_channels=4,
     out_channels=4,
@@ -53,7 +53,7 @@ def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**_SD15_UNET_CONFIG).eval()  # fp32: torch's default dtype
+    return UNet2DConditionModel(**SD15_UNET_CONFIG).eval()  # fp32: torch's default dtype
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -127,26 +127,6 @@ def random_prompt_embeds(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """PSNR of ``other`` against ``reference`` in dB, the peak being ``reference``'s range (max - min).
-
-    ``inf`` when the two are identical.
-
-    Example:
-        >>> ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
-        >>> round(psnr(ref, ref + 0.03), 1)
-        40.0
-        >>> psnr(ref, ref)
-        inf
-    """
-    ref, x = reference.detach().double(), other.detach().double()
-    mse = float((ref - x).pow(2).mean())
-    if mse == 0.0:
-        return math.inf
-    peak = float(ref.max() - ref.min())
-    return 10 * math.log10(peak**2 / mse)
-
-
 def quiet_hf_logs() -> None:
     """Show only errors from diffusers' and transformers' loggers (process-wide).
 
@@ -193,6 +173,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; ``argv`` as for ``python -m fxcache sd15`` (without the ``sd15``). Returns the exit code."""
     import fxcache
+    from fxcache.metrics import psnr
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     quiet_hf_logs()
@@ -256,12 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What FLOPs predict for this exact schedule: a full step costs 1, a shallow step f.
     f = branches[args.branch].flops_fraction
     predicted = (full + shallow) / (full + shallow * f)
+    agreement = float(psnr(reference, cached, data_range=float(reference.max() - reference.min())))  # latents
     print("\nResult")
     print(f"  uncached   {plain_s:6.1f} s")
     print(f"  fxcache    {cached_s:6.1f} s  {plain_s / cached_s:.2f}x faster (FLOPs predict {predicted:.2f}x)")
     print(f"  steps      {full} full + {shallow} shallow; a shallow step has {100 * f:.1f}% of a full step's FLOPs")
     print(
-        f"  agreement  PSNR {psnr(reference, cached):.1f} dB, cached latents against uncached ones "
+        f"  agreement  PSNR {agreement:.1f} dB, cached latents against uncached ones "
         "(inf = identical; caching trades a little agreement for speed)",
         flush=True,
     )

@@ -1,6 +1,6 @@
 """``python -m fxcache demo``: what DeepCache does to speed and to pictures, on a model that ships with fxcache.
 
-The model is a small ``UNet2DModel`` trained on procedurally drawn coloured shapes (``fxcache/assets``,
+The model is a small ``UNet2DModel`` trained on procedurally drawn coloured shapes (``fxcache/demo/assets``,
 see its ``MODEL_CARD.md``), sampled with diffusers' ``DDIMPipeline``. The demo generates one fixed-seed
 batch uncached and again under several fxcache settings (branches, intervals, schedules, eager and
 compiled), then
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch._inductor.config
 
-from fxcache import toy
+from fxcache import metrics
+from fxcache.demo import toy
 from fxcache.schedule import ScheduleLike, nonuniform
 
 __all__ = ["Setting", "default_settings", "main", "run"]
@@ -128,16 +129,17 @@ def compile_spec(device: torch.device) -> Any:
 
 def _run_setting(pipe: Any, s: Setting, batch: int, steps: int, seed: int, device: torch.device, repeats: int) -> Row:
     import fxcache
-    from fxcache.adapters.diffusers import _set_unet
+    from fxcache.adapters.diffusers import swap_unet
     from fxcache.compile import compile_options, dynamo_config
 
-    unet = pipe.unet
     spec = compile_spec(device) if s.compiled else False
     opts = compile_options(spec, device)
     if s.cached:
         fxcache.enable(pipe, branch=s.branch, interval=s.interval, schedule=s.schedule, compile=spec)
-    elif opts is not None:
-        _set_unet(pipe, torch.compile(unet, **opts))
+        unet = pipe.unet
+        fxcache.disable(pipe)
+    else:
+        unet = pipe.unet if opts is None else torch.compile(pipe.unet, **opts)
 
     def timed(steps: int) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -145,20 +147,18 @@ def _run_setting(pipe: Any, s: Setting, batch: int, steps: int, seed: int, devic
         _sync(device)
         return out, time.perf_counter() - start
 
-    try:
+    with swap_unet(pipe, unet):  # the pipeline's own UNet is back afterwards, whatever happens
         # Two steps run one full and one shallow step at the real batch size: the one-time capture and
         # compilation happen here, and are reported as setup time, not generation time. The plain compiled
         # UNet needs freezing set globally (fxcache sets it around its own graphs).
         with torch._inductor.config.patch(dynamo_config(opts)):
             setup = timed(2)[1]
-        state = getattr(pipe.unet, "fxcache_state", None)
+        state = getattr(unet, "fxcache_state", None) if s.cached else None
         before = (state.full_steps, state.shallow_steps) if state else (0, 0)
         images, seconds = timed(steps)
         full, shallow = (state.full_steps - before[0], state.shallow_steps - before[1]) if state else (steps, 0)
         for _ in range(repeats - 1):  # the same generation again: the fastest run is the least disturbed one
             seconds = min(seconds, timed(steps)[1])
-    finally:
-        _set_unet(pipe, unet)  # the pipeline's own UNet, whatever this setting put there
     return Row(s, seconds, setup, full, shallow, images)
 
 
@@ -191,7 +191,7 @@ def run(
     pipe = _pipeline(device)
     net = toy.load_classifier()
     real = _features(net, toy.shapes(2000, seed=REAL_SEED)[0])
-    floor = toy.frechet_distance(_features(net, toy.shapes(samples, seed=FLOOR_SEED)[0]), real)
+    floor = metrics.frechet_distance(_features(net, toy.shapes(samples, seed=FLOOR_SEED)[0]), real)
 
     rows: list[Row] = []
     bar = tqdm(settings, desc="fxcache demo", unit="setting", disable=not progress, file=sys.stderr)
@@ -201,14 +201,15 @@ def run(
     base = rows[0]
     base_compiled = next((r for r in rows if r.setting.compiled and not r.setting.cached), None)
     for r in rows:
-        r.fd = toy.frechet_distance(_features(net, r.images * 2 - 1), real)  # pipeline images are in [0, 1]
+        r.fd = metrics.frechet_distance(_features(net, r.images * 2 - 1), real)  # pipeline images are in [0, 1]
         r.speedup = base.seconds / r.seconds
         same = base_compiled if r.setting.compiled and base_compiled else base
         r.speedup_same_engine = same.seconds / r.seconds
         if r is not base:
-            # identical images (inf) and fp32-noise-level differences count as 99 dB in the mean
-            r.psnr = float(toy.psnr(r.images, base.images, data_range=1.0).clamp(max=99).mean())
-            r.ssim = float(toy.ssim(r.images, base.images, data_range=1.0).mean())
+            # Pixels in [0, 1]: data range 1. Identical images (inf) and fp32-noise-level differences count as
+            # 99 dB in the mean.
+            r.psnr = float(metrics.psnr(base.images, r.images, data_range=1.0, per_image=True).clamp(max=99).mean())
+            r.ssim = float(metrics.ssim(base.images, r.images, data_range=1.0).mean())
     return rows, {"fd_real_vs_real": floor}
 
 
@@ -305,13 +306,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; ``argv`` as for ``python -m fxcache demo`` (without the ``demo``). Returns the exit code."""
-    from fxcache.sd15 import quiet_hf_logs
+    from fxcache.demo.sd15 import quiet_hf_logs
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     quiet_hf_logs()
     settings = default_settings(args.steps, quick=args.quick, compile=args.compile)
     record = toy.training_record()
-    print("fxcache demo: DeepCache on fxcache's own trained model (fxcache/assets/MODEL_CARD.md)")
+    print("fxcache demo: DeepCache on fxcache's own trained model (fxcache/demo/assets/MODEL_CARD.md)")
     print(
         f"  {args.samples} images of 32x32 px per setting, {args.steps} DDIM steps, fp32 on {args.device}"
         + (f" ({torch.get_num_threads()} threads)" if args.device.type == "cpu" else "")
