@@ -403,6 +403,48 @@ class Check:
                 "steady": _diff(counters1, _counters()),
             }
 
+    def runtime_overhead(self) -> None:
+        """Host time fxcache's own Python adds per call (flatten, signature, step logic, unflatten).
+
+        A minimal U-Net whose graphs cost a few microseconds, so the difference between calling the transformed
+        module and calling the plan's shallow graph directly with the same leaves is fxcache's runtime alone.
+        Under ``compile=`` the same Python runs around the compiled graphs (plus Dynamo's guards, measured above).
+        """
+        import fxcache
+
+        class Tiny(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.down = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+            def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                up = torch.nn.functional.interpolate(self.down(x) * t, scale_factor=2.0)
+                return torch.cat([up, x], dim=1)
+
+        model = Tiny().to(self.device)
+        x, t = torch.randn(1, 4, 8, 8, device=self.device), torch.ones((), device=self.device)
+        cached = fxcache.transform(model, branch=0, interval=1_000_000)  # every call after the first is shallow
+        with torch.no_grad():
+            cached(x, t)
+            plan = next(iter(cached.plans.values()))
+            leaves = plan.flatten((x, t))
+
+            def per_call_us(fn: Callable[[], Any], n: int = 2000) -> float:
+                best = float("inf")
+                for _ in range(5):
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    best = min(best, (time.perf_counter() - start) / n)
+                self.sync()
+                return best * 1e6
+
+            module_us = per_call_us(lambda: cached(x, t))
+            graph_us = per_call_us(lambda: plan.shallow(*leaves))
+        self.results["runtime_overhead_us"] = {"module": module_us, "graph": graph_us, "added": module_us - graph_us}
+        self.log(f"fxcache runtime per call: {module_us - graph_us:.1f} us added ({module_us:.1f} us through the "
+                 f"module, {graph_us:.1f} us for the shallow graph alone; eager, a minimal U-Net)")  # fmt: skip
+
     # -- the report --------------------------------------------------------------------------------------------
     def summarize(self) -> None:
         m = self.results["methods"]
@@ -465,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.stage("plain eager", chk.plain_eager)
     if chk.ref is None:
         return 1
+    chk.stage("runtime overhead", chk.runtime_overhead)
     chk.stage("DeepCacheSDHelper", chk.helper)
     chk.stage(FX_COMPILED, lambda: chk.fxcache(FX_COMPILED, True), min_s=2 * sc.compile_min_s)
     chk.stage("plain compiled", chk.plain_compiled, min_s=sc.compile_min_s)

@@ -62,6 +62,12 @@ def report(res: dict[str, Any]) -> str:
                 f"{name} vs DeepCacheSDHelper, max abs latent diff: "
                 + ", ".join(f"N={r['N']}: {r.get('max_abs_diff_vs_helper')}" for r in rows.values())
             )
+    if "runtime_overhead_us" in res:
+        o = res["runtime_overhead_us"]
+        lines.append(
+            f"fxcache runtime per call (eager, minimal U-Net): {o['added']:.1f} us added "
+            f"({o['module']:.1f} us through the module, {o['graph']:.1f} us the shallow graph alone)"
+        )
     for name, c in res.get("counters", {}).items():
         lines.append(f"{name} counters: {json.dumps(c)}")
     for k, t in res.get("targets", {}).items():
