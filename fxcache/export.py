@@ -97,7 +97,7 @@ def _schedule_from_json(data: Mapping[str, Any]) -> Schedule:
 
 
 def _leaf_names(args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
-    """Readable names of a call's leaves, in flattening order: ``args[0]``, ``encoder_hidden_states``, ``added['x']``."""
+    """Readable names of a call's leaves, in order: ``args[0]``, ``encoder_hidden_states``, ``added['x']``."""
     paths, _ = pytree.tree_flatten_with_path((tuple(args), dict(sorted(kwargs.items()))))
     names = []
     for path, _leaf in paths:
@@ -502,8 +502,9 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     except PackageError:
         raise
     except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise PackageError(
-            f"{str(path)!r} could not be loaded ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+            f"{str(path)!r} could not be loaded ({type(exc).__name__}: {first}); "
             "it may be corrupted, or built by another torch. Export it again with fxcache.export."
         ) from exc
     tensor_leaves = tuple(i for i, x in enumerate(meta["inputs"]) if x["kind"] == "tensor")
