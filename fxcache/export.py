@@ -282,16 +282,14 @@ def export(
     from torch.export.pt2_archive._package import package_pt2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
-    try:
+    # Written beside the target under the same name (the archive's folder is named after the file), then
+    # moved into place: a package is written whole or not at all.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        staged = os.path.join(tmp, path.name)
         package_pt2(
-            tmp, aoti_files={"full": full_files, "shallow": shallow_files}, extra_files={_META: json.dumps(meta)}
+            staged, aoti_files={"full": full_files, "shallow": shallow_files}, extra_files={_META: json.dumps(meta)}
         )
-        os.replace(tmp, path)  # a package is written whole or not at all
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(staged, path)
     return path
 
 
