@@ -204,3 +204,38 @@ def test_export_refuses_before_compiling(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="takes the module fxcache.transform made"):
         fxcache.export(unet, tmp_path / "u.pt2", (x, t))
     assert not list(tmp_path.iterdir()), "nothing is written when export refuses"
+
+
+def test_diffusers_unet_loads_without_diffusers(tmp_path: Path) -> None:
+    """A diffusers UNet's output (UNet2DConditionOutput) comes back as the tuple ``(sample,)`` where diffusers
+    is not imported, equal to the in-process eager transform over a generation."""
+    from tests.models import sd_inputs, sd_unet
+
+    unet = sd_unet(layers_per_block=1, blocks=2)
+    (sample, _), kwargs = sd_inputs()
+    path = fxcache.export(fxcache.transform(unet, branch=0, interval=2), tmp_path / "sd.pt2", (sample, 999), kwargs)
+    assert read_metadata(path)["out_type"] == "tuple"
+    torch.save({"sample": sample, **kwargs}, tmp_path / "inputs.pt")
+    code = f"""
+import sys, torch, fxcache
+runner = fxcache.load({str(path)!r})
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+x, outs = inputs.pop("sample"), []
+for t in (999, 666, 333, 0):
+    with torch.no_grad():
+        out = runner(x, t, **inputs)
+    assert isinstance(out, tuple) and len(out) == 1, type(out)
+    x = x - 0.1 * out[0]
+    outs.append(out[0])
+torch.save(outs, {str(tmp_path / "outs.pt")!r})
+assert "diffusers" not in sys.modules, "diffusers was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "outs.pt")
+    reference, x = fxcache.transform(unet, branch=0, interval=2), sample
+    for i, t in enumerate((999, 666, 333, 0)):
+        with torch.no_grad():
+            want = reference(x, t, **kwargs).sample
+        rel = ((got[i] - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-4, f"step {i}: relative error {rel:.2e}"
+        x = x - 0.1 * want
