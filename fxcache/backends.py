@@ -2,9 +2,10 @@
 
 Each backend is a function ``plan -> Graphs(full, shallow, cudagraphs)``. ``eager`` runs the plan's
 GraphModules as they are; ``inductor`` puts each through ``torch.compile``. Both keep the plan's
-cache buffer: the compiled graphs write and read the same tensor. An ahead-of-time backend would
-join here with the same signature (it would need the cache as an explicit input and output: a
-packaged graph folds attribute tensors into constants).
+cache buffer: the compiled graphs write and read the same tensor. ``aot_inductor`` is the
+ahead-of-time target (:func:`fxcache.load`): two AOTInductor runners from a package, whose graphs take
+and return the cache explicitly (a packaged graph folds attribute tensors into constants), wrapped so
+that they keep the same contract: the full callable writes the deep feature, the shallow one reads it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 from fxcache.compile import CompileSpec, compile_graph, compile_options, own_cudagraphs, uses_cudagraphs
 from fxcache.plan import CachePlan
 
-__all__ = ["Graphs", "eager", "for_spec", "inductor", "own_cuda_graphs"]
+__all__ = ["Graphs", "aot_inductor", "eager", "for_spec", "inductor", "own_cuda_graphs"]
 
 
 class Graphs(NamedTuple):
@@ -55,6 +56,44 @@ def inductor(plan: CachePlan, opts: Mapping[str, Any]) -> Graphs:
         compile_graph(plan.shallow, opts),
         cudagraphs=uses_cudagraphs(opts, plan.cache_spec.device),
     )
+
+
+class _AOTGraph:
+    """One packaged graph called with the runtime's leaves: only the tensor leaves go to the runner."""
+
+    def __init__(
+        self, run: Callable[[list[Any]], list[Any]], tensor_leaves: tuple[int, ...], cache: list[Any], full: bool
+    ):
+        self.run, self.tensor_leaves, self.cache, self.full = run, tensor_leaves, cache, full
+
+    def __call__(self, *leaves: Any) -> list[Any]:
+        tensors = [leaves[i] for i in self.tensor_leaves]
+        if self.full:
+            *outputs, deep = self.run(tensors)
+            self.cache[0] = deep  # the latest full step's deep feature: the shallow graph's last input
+            return outputs
+        return self.run([*tensors, self.cache[0]])
+
+
+def aot_inductor(
+    full: Callable[[list[Any]], list[Any]],
+    shallow: Callable[[list[Any]], list[Any]],
+    tensor_leaves: tuple[int, ...],
+) -> Graphs:
+    """Two ahead-of-time compiled graphs, ``full(tensors) -> [*outputs, deep]`` and
+    ``shallow([*tensors, deep]) -> outputs``, as the runtime's ``Graphs``.
+
+    The cache is held here, between the calls, as the tensor the last full call returned (no copy):
+    ``Graphs.full(*leaves)`` keeps it and ``Graphs.shallow(*leaves)`` passes it. ``tensor_leaves`` are
+    the positions of the tensor leaves in a call's leaves (the others are constants of the graphs).
+
+    Example:
+        >>> g = aot_inductor(lambda ts: [ts[0] + 1, ts[0] * 2], lambda ts: [ts[0] + ts[1]], (0,))
+        >>> g.full(3, None), g.shallow(10, None)   # the full call cached 6; the shallow one read it
+        ([4], [16])
+    """
+    cache: list[Any] = [None]
+    return Graphs(_AOTGraph(full, tensor_leaves, cache, True), _AOTGraph(shallow, tensor_leaves, cache, False))
 
 
 def own_cuda_graphs(graphs: Graphs) -> Graphs:

@@ -19,9 +19,10 @@ def test_public_names() -> None:
     import fxcache
     from fxcache.adapters import diffusers
 
-    for name in ("plan", "CachePlan", "CacheSpec", "CachedModule", "transform", "explain"):
+    for name in ("plan", "CachePlan", "CacheSpec", "CachedModule", "transform", "explain", "export", "load"):
         assert name in fxcache.__all__ and hasattr(fxcache, name), name
     assert callable(fxcache.plan) and fxcache.plan.__name__ == "plan", "fxcache.plan is the function"
+    assert callable(fxcache.export) and fxcache.export.__name__ == "export", "fxcache.export is the function"
     assert "swap_unet" in diffusers.__all__
 
 

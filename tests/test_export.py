@@ -1,0 +1,241 @@
+"""fxcache.export / fxcache.load: one AOTInductor package of a tiny U-Net, shared by every test (one export,
+about 25 s on 2 cores), loaded in a fresh process that never imports diffusers or the model's code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxcache
+from fxcache.export import PackageError, read_metadata
+from tests.models import PlainUNet
+
+pytestmark = [pytest.mark.slow, pytest.mark.compile]
+
+BATCH, SIZE, STEPS, INTERVAL = 2, 16, 10, 3
+
+
+def _timesteps() -> list[float]:
+    return [float(t) for t in torch.linspace(999, 0, STEPS)]
+
+
+def _generation(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """A toy sampler: every output of the model over one generation (the next input depends on it)."""
+    outs = []
+    with torch.no_grad():
+        for t in _timesteps():
+            out = model(x, torch.full((BATCH,), t))
+            x = x - 0.1 * out
+            outs.append(out)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    unet = PlainUNet().eval()
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    cached = fxcache.transform(unet, branch=1, interval=INTERVAL)
+    path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, torch.full((BATCH,), 999.0)))
+    return path, unet, x
+
+
+def _with_metadata(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of the package whose fxcache.json has ``changes`` (for the compatibility checks)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("/extra/fxcache.json"):
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            zout.writestr(item, data)
+    return dst
+
+
+def test_package_layout(exported) -> None:
+    """One file: both graphs, weights stored once (the shallow graph's are the full graph's), the metadata."""
+    path, unet, _ = exported
+    meta = read_metadata(path)
+    assert meta["branch"] == 1 and meta["schedule"] == {"kind": "uniform", "interval": INTERVAL}, meta
+    assert [x["name"] for x in meta["inputs"]] == ["args[0]", "args[1]"], meta["inputs"]
+    assert meta["out_type"] == "tree" and meta["device"]["type"] == "cpu", meta
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        configs = {
+            g: json.loads(z.read(next(n for n in names if n.endswith(f"aotinductor/{g}/weights_config.json"))))
+            for g in ("full", "shallow")
+        }
+        weight_files = [n for n in names if "/data/weights/" in n]
+    full_files = {v[0] for v in configs["full"].values()}
+    shallow_files = {v[0] for v in configs["shallow"].values()}
+    assert shallow_files and shallow_files <= full_files, "the shallow graph reads the full graph's stored weights"
+    assert len(weight_files) == len(full_files | shallow_files), "each weight is stored once"
+    assert len(weight_files) <= sum(1 for _ in unet.parameters()), "no more stored tensors than parameters"
+
+
+def test_fresh_process_matches_a_generation(exported, tmp_path: Path) -> None:
+    """Loaded where neither diffusers nor the model's code was imported, two generations equal eager fxcache."""
+    path, unet, x = exported
+    out_file = tmp_path / "outs.pt"
+    code = f"""
+import sys, torch, fxcache
+runner = fxcache.load({str(path)!r})
+x0 = torch.load({str(tmp_path / "x.pt")!r})
+outs = []
+for _ in range(2):  # the timestep rises again: a second generation, as in-process
+    x = x0
+    for t in {_timesteps()!r}:
+        with torch.no_grad():
+            out = runner(x, torch.full(({BATCH},), t))
+        x = x - 0.1 * out
+        outs.append(out)
+torch.save({{"outs": outs, "full": runner.fxcache_state.full_steps}}, {str(out_file)!r})
+for name in ("diffusers", "tests.models", "tests"):
+    assert name not in sys.modules, name + " was imported"
+"""
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    got = torch.load(out_file)
+    reference = fxcache.transform(unet, branch=1, interval=INTERVAL)
+    want = _generation(reference, x) + _generation(reference, x)
+    assert got["full"] == reference.fxcache_state.full_steps == 2 * 4, (got["full"], reference.fxcache_state)
+    for i, (a, b) in enumerate(zip(got["outs"], want, strict=True)):
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert rel < 1e-4, f"step {i % STEPS} of generation {i // STEPS}: relative error {rel:.2e}"
+
+
+def test_cache_is_an_input_not_a_constant(exported) -> None:
+    """A shallow step reads the latest full step's feature: after a full step on other inputs, it changes."""
+    path, unet, x = exported
+    runner = fxcache.load(path)
+    t = torch.full((BATCH,), 500.0)
+    with torch.no_grad():
+        runner(x, t)
+        first = runner(x, t - 1)  # shallow, from x's feature
+        runner.reset()
+        runner(torch.randn_like(x), t)
+        second = runner(x, t - 1)  # shallow, from the other input's feature
+    assert runner.fxcache_state.shallow_steps == 2, runner.fxcache_state
+    assert not torch.allclose(first, second), "the shallow graph must read the cache, not a packaged constant"
+
+
+def test_schedule_can_change_branch_cannot(exported) -> None:
+    runner = fxcache.load(exported[0])
+    assert runner.configure(interval=2).cache_config.interval == 2
+    with pytest.raises(ValueError, match="branch cannot change"):
+        runner.configure(branch=0)
+
+
+def test_other_signature_names_the_input(exported) -> None:
+    path, _, x = exported
+    runner = fxcache.load(path)
+    t = torch.full((BATCH,), 500.0)
+    with pytest.raises(
+        PackageError, match=r"input args\[0\] is a float32 tensor of shape \(1, 3, 16, 16\).*fxcache.export"
+    ):
+        runner(x[:1], t)
+    with pytest.raises(PackageError, match=r"input args\[1\] is a float64 tensor"):
+        runner(x, t.double())
+    with pytest.raises(PackageError, match=r"exported for a call with inputs \(args\[0\], args\[1\]\).*extra"):
+        runner(x, t, extra=None)
+    assert runner.fxcache_state.full_steps == 0, "a refused call does not advance the state"
+    with torch.no_grad():
+        assert runner(x, t).shape == x.shape, "the runner still works after a refused call"
+
+
+def test_other_device_kind_is_refused(exported, tmp_path: Path) -> None:
+    path = exported[0]
+    with pytest.raises(PackageError, match="holds kernels for cpu, not cuda"):
+        fxcache.load(path, device="cuda")
+    if not torch.cuda.is_available():
+        cuda_pkg = _with_metadata(path, tmp_path / "cuda.pt2", device={"type": "cuda", "index": 0})
+        with pytest.raises(PackageError, match="no CUDA device"):
+            fxcache.load(cuda_pkg)
+
+
+def test_other_torch_is_refused(exported, tmp_path: Path) -> None:
+    old = _with_metadata(exported[0], tmp_path / "old.pt2", torch="2.5.1+cpu")
+    with pytest.raises(PackageError, match=r"built with torch 2\.5\.1\+cpu; this is torch"):
+        fxcache.load(old)
+
+
+def test_truncated_corrupted_and_foreign_files(exported, tmp_path: Path) -> None:
+    path = exported[0]
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PackageError, match="truncated or corrupted"):
+        fxcache.load(truncated)
+
+    corrupted = tmp_path / "corrupted.pt2"
+    shutil.copy(path, corrupted)
+    with zipfile.ZipFile(path) as z:  # flip one byte inside the largest member (a shared library)
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    with corrupted.open("r+b") as fh:
+        fh.seek(info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PackageError, match="corrupted"):
+        fxcache.load(corrupted)
+
+    foreign = tmp_path / "foreign.pt2"
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("foreign/data.txt", "not a package")
+    with pytest.raises(PackageError, match="not an fxcache package"):
+        fxcache.load(foreign)
+    with pytest.raises(PackageError, match="no fxcache package"):
+        fxcache.load(tmp_path / "missing.pt2")
+
+
+def test_export_refuses_before_compiling(tmp_path: Path) -> None:
+    unet = PlainUNet().eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.full((1,), 1.0)
+    with pytest.raises(ValueError, match="ending in .pt2"):
+        fxcache.export(fxcache.transform(unet), tmp_path / "unet.zip", (x, t))
+    with pytest.raises(ValueError, match="cannot save the schedule"):
+        fxcache.export(fxcache.transform(unet, schedule=lambda s, n: s % 2 == 0), tmp_path / "u.pt2", (x, t))
+    with pytest.raises(TypeError, match="takes the module fxcache.transform made"):
+        fxcache.export(unet, tmp_path / "u.pt2", (x, t))
+    assert not list(tmp_path.iterdir()), "nothing is written when export refuses"
+
+
+def test_diffusers_unet_loads_without_diffusers(tmp_path: Path) -> None:
+    """A diffusers UNet's output (UNet2DConditionOutput) comes back as the tuple ``(sample,)`` where diffusers
+    is not imported, equal to the in-process eager transform over a generation."""
+    from tests.models import sd_inputs, sd_unet
+
+    unet = sd_unet(layers_per_block=1, blocks=2)
+    (sample, _), kwargs = sd_inputs()
+    path = fxcache.export(fxcache.transform(unet, branch=0, interval=2), tmp_path / "sd.pt2", (sample, 999), kwargs)
+    assert read_metadata(path)["out_type"] == "tuple"
+    torch.save({"sample": sample, **kwargs}, tmp_path / "inputs.pt")
+    code = f"""
+import sys, torch, fxcache
+runner = fxcache.load({str(path)!r})
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+x, outs = inputs.pop("sample"), []
+for t in (999, 666, 333, 0):
+    with torch.no_grad():
+        out = runner(x, t, **inputs)
+    assert isinstance(out, tuple) and len(out) == 1, type(out)
+    x = x - 0.1 * out[0]
+    outs.append(out[0])
+torch.save(outs, {str(tmp_path / "outs.pt")!r})
+assert "diffusers" not in sys.modules, "diffusers was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "outs.pt")
+    reference, x = fxcache.transform(unet, branch=0, interval=2), sample
+    for i, t in enumerate((999, 666, 333, 0)):
+        with torch.no_grad():
+            want = reference(x, t, **kwargs).sample
+        rel = ((got[i] - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-4, f"step {i}: relative error {rel:.2e}"
+        x = x - 0.1 * want
