@@ -71,22 +71,28 @@ def fingerprint(model: torch.nn.Module, versions: bool = False) -> Hashable:
         >>> fingerprint(lin) == before
         False
     """
+    # One flat list, in module order: identities, flags and hook keys (hooks only where present).
     parts: list[Hashable] = [tuple(_module._global_forward_hooks), tuple(_module._global_forward_pre_hooks)]
-    for name, m in model.named_modules(remove_duplicate=False):
-        attrs = vars(m)
-        parts.append(
-            (
-                name,
-                id(m),
-                m.training,
-                tuple(m._forward_hooks),
-                tuple(m._forward_pre_hooks),
-                tuple((k, id(p)) for k, p in m._parameters.items()),
-                tuple((k, id(b)) for k, b in m._buffers.items()),
-                tuple((k, _frozen(attrs[k])) for k in _SWITCHES if k in attrs),
-            )
-        )
-        if versions:
-            tensors = [*m._parameters.values(), *m._buffers.values()]
-            parts.append(tuple(_version(t) if t is not None else None for t in tensors))
+    add = parts.append
+    stack = [model]
+    while stack:  # depth first, children in order (faster than model.modules(), which builds names)
+        m = stack.pop()
+        attrs = m.__dict__
+        stack.extend(reversed([c for c in attrs["_modules"].values() if c is not None]))
+        add(id(m))
+        add(attrs["training"])
+        hooks, pre_hooks = attrs["_forward_hooks"], attrs["_forward_pre_hooks"]
+        if hooks or pre_hooks:
+            add(("hooks", tuple(hooks), tuple(pre_hooks)))
+        for p in attrs["_parameters"].values():
+            add(id(p))
+            if versions and p is not None:
+                add(_version(p))
+        for b in attrs["_buffers"].values():
+            add(id(b))
+            if versions and b is not None:
+                add(_version(b))
+        for key in _SWITCHES:
+            if key in attrs:
+                add((key, _frozen(attrs[key])))
     return tuple(parts)

@@ -62,10 +62,6 @@ def _add_pre_hook(model: nn.Module) -> None:
     model.head.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 0.5,))
 
 
-def _new_buffer_object(model: nn.Module) -> None:
-    model.register_buffer("dummy", torch.zeros(1))  # a buffer the forward does not read: still recaptured
-
-
 @pytest.mark.parametrize("change", [_replace_submodule, _replace_parameter, _add_hook, _add_pre_hook])
 def test_model_changes_are_seen_at_the_next_generation(change) -> None:
     model = _plain()
@@ -134,17 +130,19 @@ def test_python_attribute_needs_drop_graphs() -> None:
 
 
 def test_unchanged_model_is_not_captured_again() -> None:
-    model = _plain()
-    x, _ = models.plain_inputs()
-    cached = fxcache.transform(model, branch=0, interval=2)
+    unet = models.sd_unet(blocks=2)
+    args, kwargs = models.sd_inputs()
+    cached = fxcache.transform(unet, branch=0, interval=2)
     with torch.no_grad():
-        for _ in range(3):
-            for t in (900.0, 800.0):
-                cached(x, _t(t))
-    (p,) = cached.plans.values()
-    _new_buffer_object(model)
-    cached(x, _t(900.0))
-    assert next(iter(cached.plans.values())) is not p, "a new buffer is a change: captured again"
+        cached(args[0], torch.tensor(900), **kwargs)
+        (first,) = cached.plans.values()
+        for _ in range(3):  # generations: each starts by checking the model
+            for t in (900, 800):
+                cached(args[0], torch.tensor(t), **kwargs)
+        assert list(cached.plans.values()) == [first], "an unchanged model keeps its graphs"
+        unet.register_buffer("dummy", torch.zeros(1))  # a new buffer (the forward does not read it)
+        cached(args[0], torch.tensor(900), **kwargs)
+    assert list(cached.plans.values()) != [first], "a changed model is captured again"
 
 
 # -- 2. generation boundaries ---------------------------------------------------------------------------
