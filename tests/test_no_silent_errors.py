@@ -106,7 +106,12 @@ def test_peft_adapter_is_seen() -> None:
         cached.reset()
         out = cached(*args, **kwargs).sample
         ref = unet(*args, **kwargs).sample
-    assert torch.equal(out, ref), "a LoRA adapter added with peft must be captured"
+        assert torch.equal(out, ref), "a LoRA adapter added with peft must be captured"
+        unet.disable_adapters()  # a switch on the LoRA layers, no module replaced
+        cached.reset()
+        out = cached(*args, **kwargs).sample
+        ref = unet(*args, **kwargs).sample
+    assert torch.equal(out, ref), "peft's adapter switches must be seen"
 
 
 def test_python_attribute_needs_drop_graphs() -> None:
