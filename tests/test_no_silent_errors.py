@@ -114,6 +114,26 @@ def test_peft_adapter_is_seen() -> None:
     assert torch.equal(out, ref), "peft's adapter switches must be seen"
 
 
+def test_load_lora_weights_through_an_enabled_pipeline() -> None:
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    donor = models.sd_unet(blocks=2)
+    donor.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    lora = {f"unet.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
+    pipe = models.sd_pipeline(unet=models.sd_unet(blocks=2))
+    fxcache.enable(pipe, branch=0, interval=2)
+    try:
+        before = models.generate(pipe, steps=4)
+        pipe.load_lora_weights(lora)
+        after = models.generate(pipe, steps=4)
+        fresh = fxcache.enable(fxcache.disable(pipe), branch=0, interval=2)  # a new module: captures anew
+        assert not torch.equal(after, before), "the LoRA changes the result"
+        assert torch.equal(after, models.generate(fresh, steps=4)), "and the enabled pipeline ran with it"
+    finally:
+        fxcache.disable(pipe)
+
+
 def test_python_attribute_needs_drop_graphs() -> None:
     # Documented limit: a plain attribute the forward reads is not watched; drop_graphs() says "it changed".
     class Scaled(nn.Module):
