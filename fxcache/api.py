@@ -30,8 +30,12 @@ def transform(
     ``model`` is not modified and its weights are shared, not copied: in-place updates to it show
     in the next call. With ``interval=N`` (default 3), call ``i`` of a generation is full iff
     ``i % N == 0``. A new generation starts at the first call, after ``.reset()``, when the timestep
-    (second positional argument or ``timestep=``) rises, and when the input shapes, dtypes or devices
-    change; a bare module counts its calls, :func:`fxcache.enable` numbers them as the pipeline does.
+    (the ``forward`` parameter named ``timestep``, ``t``, ``sigma``..., else the second positional one)
+    rises, and when the input shapes, dtypes or devices change; a call at the previous call's timestep
+    is the same step and repeats its decision (:func:`fxcache.runtime.generation_rule`). A bare module
+    counts its steps, :func:`fxcache.enable` numbers them as the pipeline does. Changes to the model
+    (modules, parameter objects, hooks, attention processors) are noticed at the start of each
+    generation and captured again; ``drop_graphs()`` is for the changes fxcache cannot see.
 
     Args:
         model: any module whose forward is a U-Net-like network with long skip connections.
@@ -46,6 +50,9 @@ def transform(
             also works: the step logic stays out of Dynamo and the two graphs are compiled once each.
 
     Raises:
+        TypeError: now, for a model that is already a :class:`CachedModule` (use ``configure``) or a
+            schedule that is not one (``schedule=fxcache.uniform`` uncalled, a function that cannot
+            take ``(step, total)``).
         ValueError: now, for ``branch < 0``, ``interval < 1``, both ``interval`` and ``schedule``, a
             schedule that needs ``total_steps`` without it, or an unknown compile mode; at the first
             call, for a ``branch`` beyond the model's skips or a model with no skip connection.

@@ -12,6 +12,7 @@ rewrites the exported graph into a plain :class:`torch.fx.GraphModule` whose
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,7 +23,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from fxcache.errors import CaptureError
+from fxcache.errors import CaptureError, add_note
 from fxcache.passes.count_flops import flops_by_node
 from fxcache.passes.extract_subgraph import finish_graph
 
@@ -82,11 +83,33 @@ class Captured:
         return flops_by_node(self.gm)
 
 
+def _raise_if_the_call_is_wrong(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """After a failed export: raise the call's own error if the model, run as it is, refuses these inputs.
+
+    A missing or unexpected argument, or inputs the model rejects (an empty batch, a wrong shape), are
+    the caller's to fix, not capture problems; they are reported as the model reports them.
+    """
+    name = type(model).__name__
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{name}.forward cannot take this call: {exc}. The model was not modified.") from None
+    except ValueError:
+        pass  # no Python signature to check against
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as own:
+        add_note(own, f"fxcache: {name} raises this itself on these inputs (run without fxcache); fix the call.")
+        raise
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
     try:
         with torch.no_grad():
             return torch.export.export(model, tuple(args), dict(sorted(kwargs.items())), strict=False)
-    except Exception as exc:  # torch.export raises many types; all mean "not one graph"
+    except Exception as exc:  # torch.export raises many types; all mean "not one graph"...
+        _raise_if_the_call_is_wrong(model, args, kwargs)  # ...unless the model itself refuses the call
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CaptureError(
             f"fxcache could not capture {type(model).__name__} as one graph with "

@@ -144,7 +144,10 @@ def _build(captured: Captured, merges: list[SkipMerge], branch: int, signature: 
     spec = CacheSpec(tuple(deep.shape), deep.dtype, deep.device)
     # Allocated once per plan, before any compile, and never reallocated: its address is what
     # CUDA graphs record.
-    cache = torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+    # Never an inference tensor (a plan built under torch.inference_mode()): later full steps outside
+    # inference mode write it in place.
+    with torch.inference_mode(False):
+        cache = torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
     full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
     return CachePlan(full, shallow, cache, spec, merge, branch, len(merges), captured, signature)
 

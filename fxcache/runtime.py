@@ -8,6 +8,7 @@ Python is kept out of Dynamo, so a user's ``torch.compile(cached)`` compiles the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -19,11 +20,13 @@ import torch
 from fxcache import backends
 from fxcache.backends import Graphs
 from fxcache.capture import Signature, flatten_call
+from fxcache.compile import compile_options, dynamo_config
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
 from fxcache.plan import CachePlan, plan
+from fxcache.watch import fingerprint
 
-__all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource"]
+__all__ = ["CachedModule", "CacheState", "StepInfo", "StepSource", "generation_rule"]
 
 
 class StepInfo(NamedTuple):
@@ -49,10 +52,13 @@ class CacheState:
     shallow_steps: int = 0
     generation_full_steps: int = 0  # the same counts for the current (or last) generation only
     generation_shallow_steps: int = 0
+    last_full: bool = True  # the last call's decision: a call at the same step repeats it
+    overrun_warned: bool = False  # warned that this generation ran past the schedule's total
 
     def reset(self) -> None:
         self.step, self.last_timestep, self.signature = -1, None, None
         self.generation_full_steps = self.generation_shallow_steps = 0
+        self.last_full, self.overrun_warned = True, False
 
 
 @dataclass
@@ -62,6 +68,16 @@ class _Entry:
     plan: CachePlan
     graphs: Graphs
     ran: set[bool] = field(default_factory=set)  # which graphs have run once (full: True, shallow: False)
+
+
+class _Call(NamedTuple):
+    """A call as the graphs take it: the arguments (timestep lifted to a tensor), leaves, signature."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    leaves: list[Any]
+    signature: Signature
+    lifted: bool
 
 
 class _Step(NamedTuple):
@@ -126,33 +142,129 @@ def _step_info(value: object) -> StepInfo | None:
     )
 
 
-def _timestep_value(args: tuple, kwargs: dict[str, Any]) -> float | None:
-    # The diffusion convention: the timestep is the second positional argument or `timestep=`.
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_complex():
-        return float(t.reshape(-1)[0])  # a host read; fxcache.enable(pipe) avoids it
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return float(t)
-    return None
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _lift_timestep(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-    """The call with a Python-number timestep made ``torch.tensor(t)``, or None when there is none.
+def generation_rule(previous: float | None, current: float | None) -> str:
+    """Where a call falls, from the timestep of the previous call in the generation and its own.
 
-    A number would be a constant of the captured graph (a capture per step); as a tensor input one
-    capture serves every step. ``torch.tensor(t)`` infers the dtype as torch does (int64 for an int,
-    the default float dtype for a float), so the result equals passing ``torch.tensor(t)`` yourself.
+    ``"new"``: it starts a new generation (no previous call, or the timestep rose: denoising runs
+    from high timesteps to low). ``"same"``: the same step as the previous call (the same timestep,
+    as PNDM and Heun evaluate some twice, or a retried call), so the same full/shallow decision.
+    ``"next"``: the next step (the timestep fell, or it is unknown: calls are counted).
+    The one rule every caller of the runtime uses; a step source (the diffusers adapter) replaces it.
+
+    Example:
+        >>> [generation_rule(None, 999.0), generation_rule(999.0, 999.0), generation_rule(999.0, 979.0),
+        ...  generation_rule(19.0, 999.0), generation_rule(5.0, None)]
+        ['new', 'same', 'next', 'new', 'next']
     """
-    if "timestep" in kwargs:
-        if _is_number(kwargs["timestep"]):
-            return args, {**kwargs, "timestep": torch.tensor(kwargs["timestep"])}
-    elif len(args) > 1 and _is_number(args[1]):
-        return (args[0], torch.tensor(args[1]), *args[2:]), kwargs
-    return None
+    if previous is None and current is None:
+        return "next"
+    if previous is None:
+        return "new"
+    if current is None:
+        return "next"
+    if current > previous:
+        return "new"
+    return "same" if current == previous else "next"
+
+
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
+
+
+@dataclass(frozen=True)
+class _TimestepArg:
+    """Where a model's forward takes its timestep: a parameter name and/or a positional index.
+
+    Found from ``inspect.signature(model.forward)``: the parameter named ``timestep``, ``t``,
+    ``timesteps``, ``sigma``... wherever it is, else the second positional parameter (the diffusion
+    convention). Reading it by both name and position finds it however the caller passes it.
+    """
+
+    name: str | None
+    index: int | None
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> _TimestepArg:
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            return _TimestepArg("timestep", 1)
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for p in params:
+            if p.name in _TIMESTEP_NAMES and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                index = positional.index(p) if p in positional else None
+                return _TimestepArg(None if p.kind == p.POSITIONAL_ONLY else p.name, index)
+        if len(positional) > 1:
+            second = positional[1]
+            return _TimestepArg(None if second.kind == second.POSITIONAL_ONLY else second.name, 1)
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return _TimestepArg("timestep", 1)  # forward(*args, **kwargs): the convention
+        return _TimestepArg(None, None)
+
+    def get(self, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        if self.name is not None and self.name in kwargs:
+            return kwargs[self.name]
+        if self.index is not None and len(args) > self.index:
+            return args[self.index]
+        return None
+
+    def value(self, args: tuple, kwargs: Mapping[str, Any]) -> float | None:
+        """The timestep as a float (a host read for a tensor; ``fxcache.enable(pipe)`` avoids it), or None."""
+        t = self.get(args, kwargs)
+        if isinstance(t, torch.Tensor) and t.numel() > 0 and not t.is_complex():
+            return float(t.reshape(-1)[0])
+        if _is_number(t):
+            return float(t)
+        return None
+
+    def lift(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """The call with a Python-number timestep made ``torch.tensor(t)``, or None when there is none.
+
+        A number would be a constant of the captured graph (a capture per step); as a tensor input one
+        capture serves every step. ``torch.tensor(t)`` infers the dtype as torch does (int64 for an int,
+        the default float dtype for a float), so the result equals passing ``torch.tensor(t)`` yourself.
+        """
+        if self.name is not None and self.name in kwargs:
+            if _is_number(kwargs[self.name]):
+                return args, {**kwargs, self.name: torch.tensor(kwargs[self.name])}
+        elif self.index is not None and len(args) > self.index and _is_number(args[self.index]):
+            i = self.index
+            return (*args[:i], torch.tensor(args[i]), *args[i + 1 :]), kwargs
+        return None
+
+
+_MODEL = "model."
+
+
+def _unprefix_state_dict(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # Post-hook of CachedModule.state_dict: the wrapped model's keys as the model itself names them.
+    inner = prefix + _MODEL
+    for key in list(state_dict):
+        value = state_dict.pop(key)  # popped and put back in order, renamed where needed
+        state_dict[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in list(metadata):
+            if key == inner[:-1] or key.startswith(inner):
+                metadata[prefix + key[len(inner) :] if key.startswith(inner) else prefix[:-1]] = metadata.pop(key)
+
+
+def _prefix_state_dict(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    # Pre-hook of CachedModule.load_state_dict: keys named as the wrapped model names them go to it.
+    inner = prefix + _MODEL
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(inner):
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in list(metadata):
+            if key.startswith(prefix) and key != prefix[:-1] and not (key == inner[:-1] or key.startswith(inner)):
+                metadata[inner + key[len(prefix) :]] = metadata[key]
+        if prefix[:-1] in metadata:
+            metadata.setdefault(inner[:-1], metadata[prefix[:-1]])
 
 
 class CachedModule(torch.nn.Module):
@@ -164,6 +276,13 @@ class CachedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, config: CacheConfig) -> None:
+        if isinstance(model, CachedModule):
+            raise TypeError(
+                "this model is already transformed by fxcache (a CachedModule): change its settings with "
+                "cached.configure(...), or transform the original, fxcache.transform(cached.model, ...)"
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"fxcache.transform takes a torch.nn.Module, got {type(model).__name__}")
         super().__init__()
         self.model = model
         self._config = config
@@ -173,6 +292,11 @@ class CachedModule(torch.nn.Module):
         self._entries: dict[_Key, _Entry] = {}  # what runs: plan + backend callables
         self._compile_key = _compile_key(config.compile)
         self._lift_numbers = True  # turned off when the model needs its timestep as a Python number
+        self._timestep = _TimestepArg.of(model)
+        self._fingerprint: Hashable | None = None  # the model as the graphs saw it (fxcache.watch)
+        # state_dict()/load_state_dict() read and write the wrapped model's keys, without "model.".
+        self.register_state_dict_post_hook(_unprefix_state_dict)
+        self.register_load_state_dict_pre_hook(_prefix_state_dict)
 
     @property
     def plans(self) -> Mapping[Signature, CachePlan]:
@@ -271,6 +395,14 @@ class CachedModule(torch.nn.Module):
         self.drop_graphs()
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle) starts unused: graphs, compiled code and the cache belong to
+        # the original's tensors, and the copy captures its own at its first call.
+        state = dict(self.__dict__)
+        state["_plans"], state["_entries"] = {}, {}
+        state["fxcache_state"], state["_fingerprint"] = CacheState(), None
+        return state
+
     def extra_repr(self) -> str:
         c = self._config
         return f"branch={c.branch}, schedule={c.steps_schedule!r}, compile={c.compile!r}"
@@ -283,13 +415,27 @@ class CachedModule(torch.nn.Module):
     def drop_graphs(self) -> None:
         """Forget the plans, their compiled graphs and the cache; the next call captures (and compiles) again.
 
-        Needed only after changing weights in place under ``compile={"options": {"freezing": True}}``,
-        which compiles the weights in as constants. ``.to()`` and ``.half()`` do this by themselves.
+        The way to say "the model changed" when fxcache cannot see it: a Python attribute the forward
+        reads (``self.scale = 2.0``) or a tensor that is neither a parameter nor a buffer. Changes to
+        the module tree, parameter and buffer objects, hooks, attention processors and adapter
+        switches are noticed by themselves at the start of the next generation, and in-place weight
+        updates too under Inductor's freezing. ``.to()`` and ``.half()`` drop the graphs at once.
         """
+        self._drop_plans()
+        self.fxcache_state.reset()
+
+    def _drop_plans(self) -> None:
         for by_signature in self._plans.values():
             by_signature.clear()  # cleared in place: views handed out by .plans stay live
         self._entries.clear()
-        self.fxcache_state.reset()
+
+    def _check_model(self) -> None:
+        """At a generation's start: capture again if the model changed since the graphs were built."""
+        versions = bool(dynamo_config(compile_options(self._config.compile, torch.device("cpu"))))
+        current = fingerprint(self.model, versions=versions)
+        if current != self._fingerprint and self._fingerprint is not None:
+            self._drop_plans()
+        self._fingerprint = current
 
     def _setup_failed(self, error: BaseException) -> None:
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
@@ -299,38 +445,41 @@ class CachedModule(torch.nn.Module):
         self._entries.pop(key, None)
         self._plans.get(branch, {}).pop(sig, None)
 
-    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[_Entry, list[Any], Signature, _Key]:
-        """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
-        lifted = _lift_timestep(args, kwargs) if self._lift_numbers else None
+    def _flatten(self, args: tuple, kwargs: dict[str, Any]) -> _Call:
+        lifted = self._timestep.lift(args, kwargs) if self._lift_numbers else None
         call_args, call_kwargs = lifted if lifted is not None else (args, kwargs)
         leaves, sig = flatten_call(self.model, call_args, call_kwargs)
-        key = (sig, self._config.branch, self._compile_key)
+        return _Call(call_args, call_kwargs, leaves, sig, lifted is not None)
+
+    def _entry(self, args: tuple, kwargs: dict[str, Any], call: _Call) -> tuple[_Entry, _Call, _Key]:
+        """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
+        key = (call.signature, self._config.branch, self._compile_key)
         entry = self._entries.get(key)
         if entry is not None:
-            return entry, leaves, sig, key
+            return entry, call, key
         try:
             by_signature = self._plans.setdefault(self._config.branch, {})
-            cache_plan = by_signature.get(sig)
+            cache_plan = by_signature.get(call.signature)
             if cache_plan is None:
-                _warn_if_number_changed(sig, [s for plans in self._plans.values() for s in plans])
-                cache_plan = plan(self.model, call_args, call_kwargs, branch=self._config.branch)
-                by_signature[sig] = cache_plan
+                _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
+                cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
+                by_signature[call.signature] = cache_plan
             entry = self._entries[key] = _Entry(cache_plan, backends.for_spec(cache_plan, self._config.compile))
         except CaptureError as exc:
-            if lifted is not None:
+            if call.lifted:
                 # The model needs its timestep as a Python number (it branches on it, say): capture
                 # calls as given from now on, one capture per timestep value, as without lifting.
                 self._lift_numbers = False
-                return self._entry(args, kwargs)
+                return self._entry(args, kwargs, self._flatten(args, kwargs))
             self._setup_failed(exc)
             raise
         except Exception as exc:
             self._setup_failed(exc)
             raise
-        return entry, leaves, sig, key
+        return entry, call, key
 
-    def _is_full_step(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> bool:
-        """Advance the state by one call; True when this call must run in full."""
+    def _decide(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool]:
+        """Advance the state by one call: (new generation?, full?)."""
         st = self.fxcache_state
         new_generation = st.step < 0 or st.signature != sig
         total = self._config.total_steps
@@ -339,21 +488,49 @@ class CachedModule(torch.nn.Module):
             new_generation = new_generation or external.new_generation
             step = external.step
             total = external.total if external.total is not None else total
+            same = not new_generation and step == st.step
         else:
-            t = _timestep_value(args, kwargs)
-            if t is not None and st.last_timestep is not None and t > st.last_timestep:
-                new_generation = True  # timesteps fall within a generation; a rise means a new one
+            t = self._timestep.value(args, kwargs)
+            where = generation_rule(None if new_generation else st.last_timestep, t)
+            new_generation = new_generation or where == "new"
+            same = where == "same" and not new_generation
             st.last_timestep = t
-            step = 0 if new_generation else st.step + 1
+            step = 0 if new_generation else st.step if same else st.step + 1
         st.step = step
         if new_generation:
             st.generation_full_steps = st.generation_shallow_steps = 0
-        return new_generation or self._config.steps_schedule.is_full(step, total)
+            st.overrun_warned = False
+        if new_generation:
+            full = True
+            if total is not None and self._config.steps_schedule.needs_total:
+                self._config.steps_schedule.full_steps(total)  # a schedule that cannot fit says so at step 0
+        elif same:
+            full = st.last_full  # the same step again: the same decision
+        else:
+            full = self._config.steps_schedule.is_full(step, total)
+        if total is not None and step >= total and not st.overrun_warned:
+            st.overrun_warned = True
+            warnings.warn(
+                f"fxcache: this generation reached step {step}, but its schedule "
+                f"({self._config.steps_schedule!r}) was sized for {total} steps; steps from {total} on follow "
+                "the schedule as it is (a non-uniform one runs them all shallow). Pass the real number of "
+                "steps (total_steps=, or fxcache.enable for a pipeline) or call reset() between generations.",
+                stacklevel=4,
+            )
+        st.last_full = full
+        return new_generation, full
 
     @torch._dynamo.disable
     def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> _Step:
-        entry, leaves, sig, key = self._entry(args, kwargs)
-        full = self._is_full_step(sig, args, kwargs)
+        call = self._flatten(args, kwargs)
+        try:
+            new_generation, full = self._decide(call.signature, args, kwargs)
+            if new_generation:
+                self._check_model()
+            entry, call, key = self._entry(args, kwargs, call)
+        except BaseException:
+            self.fxcache_state.reset()  # nothing ran: the next call starts afresh
+            raise
         st = self.fxcache_state
         if full:
             st.signature = None  # the buffer is being rewritten: valid again once the full graph ran
@@ -364,7 +541,7 @@ class CachedModule(torch.nn.Module):
             st.generation_shallow_steps += 1
         if entry.graphs.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
-        return _Step(entry, leaves, full, sig, key)
+        return _Step(entry, call.leaves, full, call.signature, key)
 
     @torch._dynamo.disable
     def _first_call_failed(self, step: _Step, error: Exception) -> None:
@@ -388,6 +565,14 @@ class CachedModule(torch.nn.Module):
         if step.entry.graphs.cudagraphs:
             # The next replay overwrites a CUDA graph's outputs: hand the caller its own copies.
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
+        else:
+            # An output that is the cache buffer (a model returning its deep feature) would change
+            # under the caller at the next full step: hand out a copy of that one.
+            cache = step.entry.plan.cache.untyped_storage().data_ptr()
+            outputs = [
+                o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == cache else o
+                for o in outputs
+            ]
         return step.entry.plan.unflatten(outputs)
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below

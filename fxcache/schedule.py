@@ -7,6 +7,7 @@ shallow step is executed lives in :mod:`fxcache.runtime`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,11 +100,15 @@ def _quad_center(total: int, count: int, center: float, power: float, reference:
         interior = np.unique(values.astype(np.int32))[1:-1]
         positions = (0, *(int(v + center) for v in interior))
         if len(positions) == count:
+            if positions[-1] >= total:
+                break  # the center lies so far beyond the end that full steps fall past it
             return positions
         p -= 0.02  # plain float steps, as the reference takes them
     raise ValueError(
         f"nonuniform schedule: no power in ({power}, 1] spreads {count} distinct full steps over {total} "
-        f"steps around center {center}. Lower the interval, move the center, or use fxcache.full_steps([...])."
+        f"steps around center {center} (with reference={reference}, a center beyond the last step puts full "
+        "steps past the end). Lower the interval, move the center inside the generation, or use "
+        "fxcache.full_steps([...])."
     )
 
 
@@ -131,10 +136,16 @@ class NonUniform(Schedule):
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
-        if not self.power > 1:
-            raise ValueError(f"power={self.power} is invalid: Eq. 7 needs power > 1 (the paper uses 1.4)")
-        if not self.center >= 0:
-            raise ValueError(f"center={self.center} is invalid: it is a step index, so >= 0")
+        for name in ("center", "power"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        if not (self.power > 1 and math.isfinite(self.power)):
+            raise ValueError(f"power={self.power} is invalid: Eq. 7 needs a finite power > 1 (the paper uses 1.4)")
+        if not (self.center >= 0 and math.isfinite(self.center)):
+            raise ValueError(f"center={self.center} is invalid: it is a step index, so finite and >= 0")
+        if not isinstance(self.reference, bool):
+            raise TypeError(f"reference must be a bool, got {type(self.reference).__name__} ({self.reference!r})")
 
     def full_steps(self, total: int) -> list[int]:
         _check_int("total", total, 1)
@@ -143,6 +154,12 @@ class NonUniform(Schedule):
             return list(range(total))
         if count == 1:
             return [0]
+        if not self.reference and self.center > total:
+            raise ValueError(
+                f"center={self.center} is beyond this generation's {total} steps: with reference=False, Eq. 7 "
+                f"in real arithmetic needs 0 <= center <= total. Move the center inside the generation (for example "
+                f"center={total * 0.3:g}, the paper's 15 of 50) or use reference=True"
+            )
         return list(_quad_center(total, count, float(self.center), float(self.power), self.reference))
 
     def is_full(self, step: int, total: int | None = None) -> bool:
@@ -191,11 +208,42 @@ class CallableSchedule(Schedule):
 
     fn: Callable[[int, int | None], bool]
 
+    def __post_init__(self) -> None:
+        if self.fn in _FACTORIES:
+            raise TypeError(
+                f"schedule=fxcache.{self.fn.__name__} is the schedule's factory, not a schedule: call it, "
+                f"for example schedule=fxcache.{self.fn.__name__}({_FACTORIES[self.fn]})"
+            )
+        try:
+            inspect.signature(self.fn).bind(0, None)
+        except TypeError as exc:
+            raise TypeError(
+                f"a schedule function is called as fn(step, total) -> bool; {self.fn!r} cannot take those two "
+                f"arguments ({exc})"
+            ) from None
+        except ValueError:
+            pass  # no signature to check (some builtins): its answers are still checked
+
     def is_full(self, step: int, total: int | None = None) -> bool:
-        return step == 0 or bool(self.fn(step, total))
+        if step == 0:
+            return True
+        answer = self.fn(step, total)
+        if isinstance(answer, bool) or type(answer).__name__ == "bool_":  # numpy's bool too
+            return bool(answer)
+        raise TypeError(
+            f"schedule function {self.fn!r} returned {answer!r} ({type(answer).__name__}) for step {step}; "
+            "it must return True (full step) or False (shallow step)"
+        )
 
 
 ScheduleLike = Schedule | Callable[[int, int | None], bool]
+
+# Factories passed where a schedule was meant (schedule=fxcache.uniform), with an example call.
+_FACTORIES: dict[Callable[..., Schedule], str] = {
+    uniform: "3",
+    nonuniform: "3, center=15",
+    full_steps: "[0, 1, 2, 4, 8]",
+}
 
 _NEEDS_TOTAL = (
     "{0!r} needs the number of denoising steps: pass total_steps= to fxcache.transform, or use "
@@ -207,6 +255,10 @@ def as_schedule(schedule: ScheduleLike) -> Schedule:
     """A :class:`Schedule` from a schedule or a ``(step, total) -> bool`` callable."""
     if isinstance(schedule, Schedule):
         return schedule
+    if isinstance(schedule, type) and issubclass(schedule, Schedule):
+        raise TypeError(
+            f"schedule={schedule.__name__} is a class: pass an instance, or use fxcache.uniform(N) and friends"
+        )
     if callable(schedule):
         return CallableSchedule(schedule)
     raise TypeError(

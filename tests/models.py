@@ -376,3 +376,20 @@ def sd_controlnet_pipeline(nets: int = 1) -> Any:
 
 def control_image(size: int = 16, seed: int = 3) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def full_then_shallow(cached: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """Steps 0 (full) and 1 (shallow) of one generation, both on these inputs.
+
+    Two plain calls at the same timestep are one step (the second repeats the first's decision), so
+    the step numbers are given through ``step_source`` for the two calls.
+    """
+    from fxcache.runtime import StepInfo
+
+    previous = cached.step_source
+    steps = iter([StepInfo(True, 0, None), StepInfo(False, 1, None)])
+    cached.step_source = lambda: next(steps)
+    try:
+        return cached(*args, **kwargs), cached(*args, **kwargs)
+    finally:
+        cached.step_source = previous

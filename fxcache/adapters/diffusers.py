@@ -29,7 +29,9 @@ class _SchedulerSteps:
     ``scheduler.timesteps`` (PNDM and Heun repeat timesteps), relative to the generation's first
     call. This reads ``scheduler.timesteps`` to the host once per generation (a new generation is a
     new ``timesteps`` tensor: every pipeline call runs ``set_timesteps``) and then counts calls;
-    ``scheduler.begin_index`` says where an img2img generation enters the schedule.
+    ``scheduler.begin_index`` says where an img2img generation enters the schedule. A call past the
+    last timestep starts a new generation too (a loop that ran ``set_timesteps`` once and then
+    denoises twice).
     """
 
     def __init__(self, pipe: Any) -> None:
@@ -45,8 +47,8 @@ class _SchedulerSteps:
         timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
             return None  # not a scheduler we can read: the module's own rule applies
-        new = timesteps is not self._timesteps
-        if new:
+        new = timesteps is not self._timesteps or self._begin + self._calls >= len(self._first)
+        if new:  # set_timesteps ran, or the calls ran past the timesteps: a loop started over
             first: dict[float, int] = {}
             self._first = [first.setdefault(v, i) for i, v in enumerate(timesteps.tolist())]
             self._begin = getattr(scheduler, "begin_index", None) or 0
@@ -55,8 +57,8 @@ class _SchedulerSteps:
         pos = self._begin + self._calls
         self._calls += 1
         total = max(len(self._first) - self._begin, 1)  # the denoising calls this generation makes
-        if pos >= len(self._first):  # pos >= begin, so this also covers begin beyond the timesteps
-            return StepInfo(new, pos - self._begin, total)  # more calls than timesteps: count calls
+        if pos >= len(self._first):  # begin_index beyond the timesteps: count calls
+            return StepInfo(new, pos - self._begin, total)
         return StepInfo(new, self._first[pos] - self._first[self._begin], total)
 
 
@@ -68,11 +70,40 @@ class _PipelineUNet(CachedModule):
         self.step_source = _SchedulerSteps(pipe)
         self._pipe_ref = weakref.ref(pipe)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (of the pipeline, or of this module) is not tied to the original pipeline's scheduler:
+        # it numbers steps as a bare module does until fxcache.enable is called on its pipeline.
+        state = super().__getstate__()
+        state["step_source"], state["_pipe_ref"] = None, _no_pipe
+        return state
+
     def _setup_failed(self, error: BaseException) -> None:
         pipe = self._pipe_ref()
         if pipe is not None and pipe.__dict__.get("unet") is self:
             disable(pipe)  # the error leaves the pipeline as it was before enable()
             add_note(error, "fxcache: the pipeline's original UNet was put back (fxcache.enable undone).")
+
+
+def _no_pipe() -> None:
+    return None
+
+
+class _SaveAsPlain:
+    """``pipe.save_pretrained`` while enabled: the pipeline saved with its real UNet, as if not enabled.
+
+    diffusers saves a component by its class; a CachedModule is none it knows, so without this the
+    UNet would be skipped and the pipeline's config rewritten to ``(None, None)``.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.pipe
+        unet = pipe.unet
+        original = unet.model if isinstance(unet, CachedModule) else unet
+        with swap_unet(pipe, original):
+            return type(pipe).save_pretrained(pipe, *args, **kwargs)
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
@@ -125,7 +156,8 @@ def enable(
     :func:`fxcache.transform`. Calling ``enable`` again on an enabled pipeline replaces the settings
     through :meth:`CachedModule.configure` on the same module, so graphs already built for the same
     branch and compile setting are kept (changing only ``interval`` recaptures nothing).
-    ``pipe.config`` is left untouched, and :func:`disable` puts the original UNet object back.
+    ``pipe.config`` is left untouched, ``pipe.save_pretrained`` saves the original UNet as the plain
+    pipeline would, and :func:`disable` puts the original UNet object back.
 
     Example:
         >>> import fxcache
@@ -147,6 +179,8 @@ def enable(
     config = CacheConfig(branch=branch, interval=interval, schedule=schedule, compile=compile)
     cached = _PipelineUNet(unet, config, pipe)
     _set_unet(pipe, cached)
+    if hasattr(type(pipe), "save_pretrained"):
+        object.__setattr__(pipe, "save_pretrained", _SaveAsPlain(pipe))
     return pipe
 
 
@@ -155,6 +189,8 @@ def disable(pipe: Any) -> Any:
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, CachedModule):
         _set_unet(pipe, unet.model)
+    if isinstance(vars(pipe).get("save_pretrained"), _SaveAsPlain):
+        del pipe.__dict__["save_pretrained"]
     return pipe
 
 
