@@ -37,7 +37,7 @@ from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.passes import split_at_branch
 from fxcache.plan import CachePlan, plan
-from fxcache.runtime import CachedModule, _Entry, _lift_timestep
+from fxcache.runtime import CachedModule, _Call, _Entry, _TimestepArg
 from fxcache.schedule import ExplicitSchedule, NonUniform, Schedule, Uniform
 
 __all__ = ["PackageError", "PackagedModule", "export", "load", "read_metadata"]
@@ -178,7 +178,7 @@ def _aot_files(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> lis
 def _plan_for(cached: CachedModule, args: tuple, kwargs: dict[str, Any]) -> tuple[CachePlan, tuple, dict, bool]:
     """The plan for this call (the module's own if it has one), the call as captured, and whether the
     timestep was lifted to a tensor (as the runtime does, so one package serves every step)."""
-    lifted = _lift_timestep(args, kwargs)
+    lifted = cached._timestep.lift(args, kwargs)
     attempts = [(lifted, True)] if lifted is not None else []
     attempts.append(((args, kwargs), False))
     for i, ((a, k), lift) in enumerate(attempts):
@@ -270,6 +270,7 @@ def export(
         "schedule": schedule,
         "total_steps": config.total_steps,
         "lift_timestep": lifted,
+        "timestep_arg": [cached._timestep.name, cached._timestep.index],  # where the model takes its timestep
         "training": cache_plan.signature.training,
         "in_spec": pytree.treespec_dumps(cache_plan.signature.spec),
         "inputs": [{"name": n, **x} for n, x in zip(names, leaf_json, strict=True)],
@@ -415,6 +416,8 @@ class PackagedModule(CachedModule):
         super().__init__(_PackagedModel(meta, device), config)
         self.metadata = meta
         self._lift_numbers = bool(meta["lift_timestep"])
+        name, index = meta.get("timestep_arg") or ("timestep", 1)
+        self._timestep = _TimestepArg(name, index)  # as the original model's forward takes it
         leaves = tuple(_signature_leaf(x) for x in meta["inputs"])
         self._package_signature = Signature(pytree.treespec_loads(meta["in_spec"]), leaves, bool(meta["training"]))
         out_spec = pytree.treespec_loads(meta["out_spec"]) if meta["out_spec"] is not None else None
@@ -430,13 +433,14 @@ class PackagedModule(CachedModule):
         changes = {k: v for k, v in changes.items() if k not in ("branch", "compile")}
         return super().configure(**changes)
 
-    def _entry(self, args: tuple, kwargs: dict[str, Any]) -> tuple[_Entry, list[Any], Signature, Any]:
-        lifted = _lift_timestep(args, kwargs) if self._lift_numbers else None
-        call_args, call_kwargs = lifted if lifted is not None else (args, kwargs)
-        leaves, sig = flatten_call(self.model, call_args, call_kwargs)
+    def _entry(self, args: tuple, kwargs: dict[str, Any], call: _Call) -> tuple[_Entry, _Call, Any]:
+        sig = call.signature
         if sig.spec != self._package_signature.spec or sig.leaves != self._package_signature.leaves:
-            raise PackageError(self._mismatch(call_args, call_kwargs, leaves, sig))
-        return self._packaged, leaves, self._package_signature, (self._package_signature, self._config.branch, False)
+            raise PackageError(self._mismatch(call.args, call.kwargs, call.leaves, sig))
+        return self._packaged, call, (self._package_signature, self._config.branch, False)
+
+    def _check_model(self) -> None:
+        """The packaged graphs cannot be rebuilt from a model: there is nothing to watch."""
 
     def _mismatch(self, args: tuple, kwargs: dict[str, Any], leaves: list[Any], sig: Signature) -> str:
         expected = self.metadata["inputs"]

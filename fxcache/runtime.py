@@ -568,7 +568,8 @@ class CachedModule(torch.nn.Module):
         else:
             # An output that is the cache buffer (a model returning its deep feature) would change
             # under the caller at the next full step: hand out a copy of that one.
-            cache = step.entry.plan.cache.untyped_storage().data_ptr()
+            buffer = getattr(step.entry.plan, "cache", None)  # a loaded package keeps no buffer of its own
+            cache = buffer.untyped_storage().data_ptr() if buffer is not None else None
             outputs = [
                 o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == cache else o
                 for o in outputs
