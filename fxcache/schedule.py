@@ -141,7 +141,9 @@ class NonUniform(Schedule):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
         if not (self.power > 1 and math.isfinite(self.power)):
-            raise ValueError(f"power={self.power} is invalid: Eq. 7 needs a finite power > 1 (the paper uses 1.4)")
+            raise ValueError(
+                f"power={self.power} is invalid: Eq. 7 needs power > 1, and a finite one (the paper uses 1.4)"
+            )
         if not (self.center >= 0 and math.isfinite(self.center)):
             raise ValueError(f"center={self.center} is invalid: it is a step index, so finite and >= 0")
         if not isinstance(self.reference, bool):

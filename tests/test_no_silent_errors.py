@@ -382,7 +382,7 @@ def test_output_never_aliases_the_cache() -> None:
 
 @pytest.mark.parametrize("power", [float("inf"), float("nan")])
 def test_nonuniform_power_must_be_finite(power: float) -> None:
-    with pytest.raises(ValueError, match="finite power > 1"):
+    with pytest.raises(ValueError, match="needs power > 1, and a finite one"):
         fxcache.nonuniform(3, power=power)
 
 
