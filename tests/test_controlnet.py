@@ -168,6 +168,8 @@ def test_controlnet_and_unet_share_one_step_decision() -> None:
     assert (hook.whole_calls, hook.pruned_calls) == (2, 2)
     (plan,) = hook.plans.values()
     assert plan.needed == (0,) and plan.flops_fraction < 0.2, plan
+    fxcache.enable(pipe, branch=0, interval=3)
+    assert installed(net) is hook and len(hook.plans) == 1, "re-enabling keeps the hook and its graphs"
     fxcache.disable(pipe)
     assert pipe.controlnet is net and "forward" not in vars(net)
 

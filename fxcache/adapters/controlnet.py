@@ -237,9 +237,16 @@ class ControlNetStep:
             raise
 
 
-def install(net: torch.nn.Module, unet: Any, prune: bool) -> ControlNetStep:
-    """Install a :class:`ControlNetStep` as ``net.forward`` (an instance attribute); :func:`uninstall` removes it."""
-    step = ControlNetStep(net, unet, net.__dict__.get("forward", net.forward), prune)
+def install(net: torch.nn.Module, unet: Any, step: ControlNetStep | None = None) -> ControlNetStep:
+    """Install a :class:`ControlNetStep` as ``net.forward`` (an instance attribute); :func:`uninstall` removes it.
+
+    ``step``: one installed on ``net`` before, to reuse with the graphs it built.
+    """
+    uninstall(net)
+    previous = net.__dict__.get("forward", net.forward)
+    if step is None:
+        step = ControlNetStep(net, unet, previous)
+    step.unet, step.previous = unet, previous
     net.__dict__["_fxcache_previous_forward"] = net.__dict__.get("forward")
     net.forward = step  # type: ignore[method-assign]
     return step

@@ -77,6 +77,7 @@ class _PipelineUNet(CachedModule):
         self.step_source = _SchedulerSteps(pipe)
         self._pipe_ref = weakref.ref(pipe)
         self._ahead: list[Any] | None = None  # [full, predicted signature, pruned] for the next call
+        self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
 
     def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, CachePlan | None]:
         """Decide now whether the next call is full, advancing the step state exactly as that call would.
@@ -222,7 +223,8 @@ def _hook_controlnet(pipe: Any, unet: _PipelineUNet, prune: bool) -> None:
         return
     _controlnet.uninstall(net)
     if prune:
-        _controlnet.install(net, unet, prune=True)
+        step = unet.fxcache_controlnet
+        unet.fxcache_controlnet = _controlnet.install(net, unet, step if step is not None and step.net is net else None)
 
 
 def disable(pipe: Any) -> Any:
