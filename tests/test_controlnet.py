@@ -14,6 +14,7 @@ import torch
 
 import fxcache
 from fxcache.adapters.controlnet import _lift_scales, installed, residuals_read
+from fxcache.adapters.diffusers import swap_unet
 from tests import models
 from tests.test_adapters_diffusers import _reference
 
@@ -218,3 +219,17 @@ def test_a_lifted_scale_multiplies_to_the_same_bits(dtype: torch.dtype) -> None:
         assert (x * tensor).dtype == dtype
     logspace = torch.logspace(-1, 0, 13)
     assert torch.equal(logspace * 0.7, logspace * kwargs["conditioning_scale"][0]), "guess mode's scales"
+
+
+def test_a_swapped_in_unet_gets_every_residual() -> None:
+    # While swap_unet puts another U-Net in the pipeline, the ControlNet must run whole and leave the step alone.
+    pipe = models.sd_controlnet_pipeline()
+    gen = {"steps": 4, "image": models.control_image()}
+    plain = models.generate(pipe, **gen)
+    fxcache.enable(pipe, branch=0, interval=2)
+    cached = pipe.unet
+    with swap_unet(pipe, cached.model):
+        swapped = models.generate(pipe, **gen)
+    assert torch.equal(swapped, plain), "the plain U-Net, swapped in, must see the whole ControlNet's residuals"
+    assert cached.fxcache_state.full_steps == 0 and installed(pipe.controlnet).pruned_calls == 0
+    fxcache.disable(pipe)

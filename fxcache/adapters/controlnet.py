@@ -169,7 +169,8 @@ class ControlNetStep:
 
     Attributes:
         net: the ControlNet (``ControlNetModel`` or ``MultiControlNetModel``), left as it is otherwise.
-        unet: the pipeline's U-Net module (``CachedModule`` with ``decide_ahead``).
+        unet: the pipeline's U-Net module (``CachedModule`` with ``decide_ahead`` and ``in_pipeline``); while
+            another module is the pipeline's ``unet`` (``swap_unet``), the ControlNet runs whole and decides nothing.
         previous: what ``net.forward`` was before (the class's forward unless something else hooked it).
         prune: False runs the whole ControlNet every step (the step decision is still shared).
         whole_calls, pruned_calls: how many calls ran the whole ControlNet (full steps, and shallow steps that
@@ -223,6 +224,9 @@ class ControlNetStep:
         return self._plans[key], leaves
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.unet.in_pipeline():  # another U-Net runs (swap_unet): it reads every residual
+            self.whole_calls += 1
+            return self.previous(*args, **kwargs)
         full, unet_plan = self.unet.decide_ahead(args, kwargs)
         try:
             plan, leaves = self._plan(unet_plan, args, kwargs) if self.prune and not full else (None, [])

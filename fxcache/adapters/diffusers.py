@@ -79,6 +79,11 @@ class _PipelineUNet(CachedModule):
         self._ahead: list[Any] | None = None  # [full, predicted signature, pruned] for the next call
         self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
 
+    def in_pipeline(self) -> bool:
+        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled)."""
+        pipe = self._pipe_ref()
+        return pipe is not None and pipe.__dict__.get("unet") is self
+
     def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, CachePlan | None]:
         """Decide now whether the next call is full, advancing the step state exactly as that call would.
 
