@@ -95,6 +95,16 @@ class CachePlan:
         kept = sum(flops[n.name] for n in self.shallow.graph.nodes if n.op == "call_function")
         return kept / total if total else float("nan")
 
+    @cached_property
+    def shallow_inputs(self) -> tuple[int, ...]:
+        """Indices of the leaves (as :meth:`flatten` orders them) that the shallow graph reads.
+
+        The shallow graph takes every leaf, but reads only those the layers above the cut use. A pipeline
+        adapter uses this to skip computing the others on shallow steps (ControlNet residuals of deeper skips).
+        """
+        placeholders = [n for n in self.shallow.graph.nodes if n.op == "placeholder"]
+        return tuple(i for i, n in enumerate(placeholders) if n.users)
+
     def flatten(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> list[Any]:
         """The leaves ``full`` and ``shallow`` take for a call ``model(*args, **kwargs)`` of this signature."""
         return pytree.tree_leaves((tuple(args), dict(sorted((kwargs or {}).items()))))

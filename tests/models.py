@@ -393,3 +393,41 @@ def full_then_shallow(cached: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]
         return cached(*args, **kwargs), cached(*args, **kwargs)
     finally:
         cached.step_source = previous
+
+
+def sd_controlnet_img2img_pipeline(nets: int = 1) -> Any:
+    """StableDiffusionControlNetImg2ImgPipeline on the same tiny U-Net and ControlNet(s)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**sd_controlnet_pipeline(nets).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_controlnet_inpaint_pipeline() -> Any:
+    """StableDiffusionControlNetInpaintPipeline: a 9-channel inpainting U-Net; its ControlNet sees 4 channels."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline, UNet2DConditionModel
+
+    unet = sd_unet()
+    net = controlnet(unet)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, controlnet=net, scheduler=ddim(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_controlnet_pipeline() -> Any:
+    """StableDiffusionXLControlNetPipeline on the tiny SD-XL U-Net, with a ControlNetModel.from_unet of it."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    unet = sdxl_unet()
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=unet, controlnet=controlnet(unet), scheduler=ddim(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from fxcache.adapters import controlnet as _controlnet
 from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.errors import add_note
+from fxcache.plan import CachePlan
 from fxcache.runtime import CachedModule, StepInfo
 from fxcache.schedule import ScheduleLike
 
@@ -62,13 +64,74 @@ class _SchedulerSteps:
         return StepInfo(new, self._first[pos] - self._first[self._begin], total)
 
 
+_UNKNOWN = object()  # decide_ahead's predicted signature when no deep feature is cached: equals none
+
+
 class _PipelineUNet(CachedModule):
-    """A CachedModule that, when capturing or compiling fails, puts the pipeline's UNet back first."""
+    """A CachedModule that, when capturing or compiling fails, puts the pipeline's UNet back first.
+
+    It also lets a ControlNet hook (:mod:`fxcache.adapters.controlnet`) take its next step decision
+    ahead of the call (:meth:`decide_ahead`): the call then consumes that decision instead of taking one.
+    """
 
     def __init__(self, unet: torch.nn.Module, config: CacheConfig, pipe: Any) -> None:
         super().__init__(unet, config)
         self.step_source = _SchedulerSteps(pipe)
         self._pipe_ref = weakref.ref(pipe)
+        self._ahead: list[Any] | None = None  # [full, predicted signature, pruned] for the next call
+        self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
+
+    def in_pipeline(self) -> bool:
+        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled)."""
+        pipe = self._pipe_ref()
+        return pipe is not None and pipe.__dict__.get("unet") is self
+
+    def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, CachePlan | None]:
+        """Decide now whether the next call is full, advancing the step state exactly as that call would.
+
+        For a module called right before this one with the same timestep (a ControlNet). The next call
+        consumes the decision. Returns it, with the plan whose shallow graph a shallow step will run.
+        Deciding again before that call drops the earlier decision (its call never came).
+        """
+        st = self.fxcache_state
+        self._ahead = None
+        predicted = st.signature if st.signature is not None else _UNKNOWN
+        new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
+        self._ahead = [new_generation, full, predicted, False]
+        return full, (None if full else self.plans.get(predicted))
+
+    def ahead_pruned(self) -> None:
+        """The caller of :meth:`decide_ahead` skipped inputs only a full step reads: the next call must be shallow."""
+        if self._ahead is not None:
+            self._ahead[3] = True
+
+    def drop_ahead(self) -> None:
+        self._ahead = None
+
+    def reset(self) -> None:
+        self._ahead = None
+        super().reset()
+
+    def _decide(self, sig: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return super()._decide(sig, args, kwargs)
+        new_generation, full, predicted, pruned = ahead
+        if sig == predicted:
+            return new_generation, full
+        # The inputs' signature differs from the cached feature's: this is a new generation, a full step.
+        st = self.fxcache_state
+        if not full and pruned:
+            st.reset()
+            raise RuntimeError(
+                "fxcache: the ControlNet ran pruned for a shallow U-Net step, but the U-Net's inputs no longer "
+                "match the cached feature (shapes, dtypes or arguments changed within a generation), which needs "
+                "a full step. Call fxcache.enable(pipe, ..., prune_controlnet=False) to run the whole ControlNet "
+                "every step."
+            )
+        st.step, st.last_full = 0, True
+        st.generation_full_steps = st.generation_shallow_steps = 0
+        return True, True
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (of the pipeline, or of this module) is not tied to the original pipeline's scheduler:
@@ -144,6 +207,7 @@ def enable(
     *,
     schedule: ScheduleLike | None = None,
     compile: CompileSpec = False,
+    prune_controlnet: bool = True,
 ) -> Any:
     """Make ``pipe.unet`` run DeepCache; returns ``pipe``.
 
@@ -159,6 +223,11 @@ def enable(
     ``pipe.config`` is left untouched, ``pipe.save_pretrained`` saves the original UNet as the plain
     pipeline would, and :func:`disable` puts the original UNet object back.
 
+    On a pipeline with a ControlNet (``pipe.controlnet``, one or a ``MultiControlNetModel``), shallow
+    steps run only the part of the ControlNet whose residuals the shallow U-Net reads (for branch 0 the
+    first of its 13 residuals), with the same latents as running it whole; ``prune_controlnet=False``
+    runs it whole every step, as the reference helper does. See :mod:`fxcache.adapters.controlnet`.
+
     Example:
         >>> import fxcache
         >>> pipe = fxcache.enable(pipe, branch=0, interval=3)        # doctest: +SKIP
@@ -168,6 +237,7 @@ def enable(
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, _PipelineUNet) and unet._pipe_ref() is pipe:
         unet.configure(branch=branch, interval=interval, schedule=schedule, compile=compile)
+        _hook_controlnet(pipe, unet, prune_controlnet)
         return pipe
     if isinstance(unet, CachedModule):
         unet = unet.model
@@ -181,16 +251,32 @@ def enable(
     _set_unet(pipe, cached)
     if hasattr(type(pipe), "save_pretrained"):
         object.__setattr__(pipe, "save_pretrained", _SaveAsPlain(pipe))
+    _hook_controlnet(pipe, cached, prune_controlnet)
     return pipe
 
 
+def _hook_controlnet(pipe: Any, unet: _PipelineUNet, prune: bool) -> None:
+    # pipe.controlnet stays the same object (the pipeline checks its class); only its forward is hooked.
+    net = getattr(pipe, "controlnet", None)
+    if not isinstance(net, torch.nn.Module):
+        return
+    _controlnet.uninstall(net)
+    if prune:
+        step = unet.fxcache_controlnet
+        unet.fxcache_controlnet = _controlnet.install(net, unet, step if step is not None and step.net is net else None)
+
+
 def disable(pipe: Any) -> Any:
-    """Put back the UNet that :func:`enable` replaced; a no-op on a pipeline that is not enabled."""
+    """Put back the UNet that :func:`enable` replaced (and the ControlNet's own forward); a no-op on a
+    pipeline that is not enabled."""
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, CachedModule):
         _set_unet(pipe, unet.model)
     if isinstance(vars(pipe).get("save_pretrained"), _SaveAsPlain):
         del pipe.__dict__["save_pretrained"]
+    net = getattr(pipe, "controlnet", None)
+    if isinstance(net, torch.nn.Module):
+        _controlnet.uninstall(net)
     return pipe
 
 
