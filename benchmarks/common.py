@@ -172,6 +172,17 @@ class Memory:
         return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else peak_rss_mib()
 
 
+# -- quality ------------------------------------------------------------------------------------------
+
+
+def latent_psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR of latents against a reference run's; latents have no fixed range, so the peak is the reference's
+    (max - min)."""
+    from fxcache.metrics import psnr
+
+    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
+
+
 # -- reporting ------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import fmt, log, machine, table, version, write_csv, write_json
+from benchmarks.common import fmt, latent_psnr, log, machine, table, version, write_csv, write_json
 from benchmarks.compile_methods import Bench
 from benchmarks.compile_scenario import (
     CACHED_METHODS,
@@ -30,7 +30,6 @@ from benchmarks.compile_scenario import (
     Scenario,
     counts,
 )
-from fxcache.metrics import psnr
 
 
 @dataclass
@@ -81,11 +80,6 @@ class Check:
 # -- rows ----------------------------------------------------------------------------------------------
 
 
-def _latent_psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """Latents have no fixed range: the peak is the reference's (max - min)."""
-    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
-
-
 def make_rows(bench: Bench) -> list[Row]:
     """One row per method, N and branch measured so far, with speedups against every baseline."""
     sc = bench.sc
@@ -115,7 +109,7 @@ def make_rows(bench: Bench) -> list[Row]:
                     warmup_generation_s=eng.warmup_s, warmup_steps=eng.warmup_steps,
                     compile_s=None if steady is None or eng.warmup_s is None else max(0.0, eng.warmup_s - steady),
                     peak_memory_mib=eng.peaks[n], working_memory_mib=eng.working[n], kept_memory_mib=eng.kept_mib,
-                    psnr_db=None if reference is None else _latent_psnr(reference, eng.latents[n]),
+                    psnr_db=None if reference is None else latent_psnr(reference, eng.latents[n]),
                     full_step_gen_ms=None if full_gen is None else 1e3 * full_gen,
                     shallow_step_gen_ms=None if shallow_gen is None else 1e3 * shallow_gen,
                     f_gen=None if full_gen is None or shallow_gen is None else shallow_gen / full_gen,

@@ -39,11 +39,10 @@ from typing import Any
 import torch
 
 import fxcache
-from benchmarks.common import fmt, log, machine, median_seconds, peak_rss_mib, table, write_csv, write_json
+from benchmarks.common import fmt, latent_psnr, log, machine, median_seconds, peak_rss_mib, table, write_csv, write_json
 from fxcache.adapters.diffusers import branch_from_deepcache_id
 from fxcache.capture import capture, flatten_call
 from fxcache.demo.sd15 import LATENT_FACTOR, quiet_hf_logs, random_prompt_embeds, sd15_unet, sd_pipeline
-from fxcache.metrics import psnr
 from fxcache.passes import bind_cache_buffer, extract_subgraph, find_skip_merges, split_at_branch
 
 # The targets (see the module docstring).
@@ -107,11 +106,6 @@ class Check:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-
-
-def _latent_psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """PSNR of latents against the plain run's; latents have no fixed range, so the peak is the reference's."""
-    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
 
 
 def measure_steps(unet: torch.nn.Module, sc: Scenario, prompt: torch.Tensor) -> tuple[list[Row], float]:
@@ -226,11 +220,11 @@ def measure_generation(unet: torch.nn.Module, sc: Scenario) -> list[Row]:
             psnr_db=None),  # the reference
         Row("generation", "fxcache.enable", ours_s, rss, warmup_seconds=ours_warm,
             full_steps=n_full, shallow_steps=n_shallow, speedup_vs_plain=plain_s / ours_s,
-            speedup_vs_helper=ref_s / ours_s, psnr_db=_latent_psnr(plain, ours), max_abs_diff_vs_helper=diff,
+            speedup_vs_helper=ref_s / ours_s, psnr_db=latent_psnr(plain, ours), max_abs_diff_vs_helper=diff,
             identical_to_helper=torch.equal(ours, ref)),
         Row("generation", "DeepCacheSDHelper", ref_s, rss, warmup_seconds=ref_warm,
             full_steps=n_full, shallow_steps=n_shallow, speedup_vs_plain=plain_s / ref_s,
-            speedup_vs_helper=1.0, psnr_db=_latent_psnr(plain, ref), max_abs_diff_vs_helper=0.0,
+            speedup_vs_helper=1.0, psnr_db=latent_psnr(plain, ref), max_abs_diff_vs_helper=0.0,
             identical_to_helper=True),
     ]  # fmt: skip
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import call_seconds, machine, sync, version, write_json
+from benchmarks.common import call_seconds, latent_psnr, machine, sync, version, write_json
 from benchmarks.compile_methods import MarkStep
 from benchmarks.gpu_report import counters_diff as _diff
 from benchmarks.gpu_report import counters_now as _counters
@@ -121,12 +121,6 @@ def environment() -> dict[str, Any]:
         env.update(device=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())  # fmt: skip
     return env
-
-
-def psnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    from fxcache.metrics import psnr
-
-    return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
 
 
 class Check:
@@ -270,7 +264,7 @@ class Check:
     def record(self, name: str, n: int, gen_s: float, latents: torch.Tensor, **extra: Any) -> dict[str, Any]:
         row = {"N": n, "gen_s": gen_s, "steps_per_s": self.sc.steps / gen_s, **extra}
         if self.ref is not None:
-            row["psnr_db"] = psnr_db(self.ref, latents)
+            row["psnr_db"] = latent_psnr(self.ref, latents)
         self.latents[f"{name} N={n}"] = latents
         self.results["methods"].setdefault(name, {})[str(n)] = row
         self.log(

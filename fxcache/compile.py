@@ -100,8 +100,7 @@ def compile_options(spec: CompileSpec, device: torch.device) -> dict[str, Any] |
         opts = {k: v for k, v in spec.items() if k not in _FXCACHE_KWARGS}
     opts.setdefault("fullgraph", True)
     opts.setdefault("dynamic", False)
-    own = isinstance(spec, Mapping) and spec.get("cudagraphs", False)
-    if device.type == "cuda" and not own and "mode" not in opts and "options" not in opts:
+    if device.type == "cuda" and not own_cudagraphs(spec, device) and "mode" not in opts and "options" not in opts:
         opts["mode"] = "reduce-overhead"
     return opts
 
