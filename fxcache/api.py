@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxcache.compile import CompileSpec
-from fxcache.config import CacheConfig, check_total_steps
+from fxcache.config import DEFAULT_MAX_PLANS, CacheConfig, check_total_steps
 from fxcache.runtime import CachedModule
 from fxcache.schedule import ScheduleLike
 
@@ -20,6 +20,7 @@ def transform(
     schedule: ScheduleLike | None = None,
     total_steps: int | None = None,
     compile: CompileSpec = False,
+    max_plans: int = DEFAULT_MAX_PLANS,
 ) -> CachedModule:
     """Make ``model`` run DeepCache: full steps on a schedule, shallow steps in between.
 
@@ -48,6 +49,7 @@ def transform(
             default mode per device (``"reduce-overhead"``, i.e. CUDA graphs, on CUDA), a mode name,
             or a dict of torch.compile arguments. Wrapping the result in your own ``torch.compile``
             also works: the step logic stays out of Dynamo and the two graphs are compiled once each.
+        max_plans: how many input signatures' graphs to keep (least recently used dropped beyond it).
 
     Raises:
         TypeError: now, for a model that is already a :class:`CachedModule` (use ``configure``) or a
@@ -74,6 +76,13 @@ def transform(
         >>> torch.equal(outs[0], net(x, torch.tensor(3.0)))  # step 0 is full: exact
         True
     """
-    config = CacheConfig(branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile)
+    config = CacheConfig(
+        branch=branch,
+        interval=interval,
+        schedule=schedule,
+        total_steps=total_steps,
+        compile=compile,
+        max_plans=max_plans,
+    )
     check_total_steps(config)
     return CachedModule(model, config)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from fxcache.compile import CompileSpec, compile_graph, compile_options, own_cudagraphs, uses_cudagraphs
+from fxcache.generations import CellSlot, Slot
 from fxcache.plan import CachePlan
 
 __all__ = ["Graphs", "aot_inductor", "eager", "for_spec", "inductor", "own_cuda_graphs"]
@@ -25,6 +26,7 @@ class Graphs(NamedTuple):
     full: Callable[..., Any]
     shallow: Callable[..., Any]
     cudagraphs: bool = False  # True: outputs are overwritten by the next replay (the runtime clones them)
+    slot: Slot | None = None  # where the graphs keep the deep feature; None: the plan's cache buffer
 
 
 def eager(plan: CachePlan) -> Graphs:
@@ -93,7 +95,11 @@ def aot_inductor(
         ([4], [16])
     """
     cache: list[Any] = [None]
-    return Graphs(_AOTGraph(full, tensor_leaves, cache, True), _AOTGraph(shallow, tensor_leaves, cache, False))
+    return Graphs(
+        _AOTGraph(full, tensor_leaves, cache, True),
+        _AOTGraph(shallow, tensor_leaves, cache, False),
+        slot=CellSlot(cache),
+    )
 
 
 def own_cuda_graphs(graphs: Graphs) -> Graphs:

@@ -24,6 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from fxcache.errors import CaptureError, add_note
+from fxcache.gate import TRACING
 from fxcache.passes.count_flops import flops_by_node
 from fxcache.passes.extract_subgraph import finish_graph
 
@@ -160,7 +161,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> C
     Raises:
         CaptureError: the model cannot be captured as one graph.
     """
-    ep = _functional(_export(model, tuple(args), dict(kwargs)), model)
+    with TRACING.exclusive():  # export traces process-wide: no fxcache graph runs in other threads meanwhile
+        ep = _functional(_export(model, tuple(args), dict(kwargs)), model)
     sig = ep.graph_signature
     extra_outputs = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
     if extra_outputs:

@@ -8,7 +8,9 @@ from functools import cached_property
 from fxcache.compile import CompileSpec, check_compile_spec
 from fxcache.schedule import Schedule, ScheduleLike, as_schedule, uniform
 
-__all__ = ["CacheConfig", "check_total_steps"]
+__all__ = ["DEFAULT_MAX_PLANS", "CacheConfig", "check_total_steps"]
+
+DEFAULT_MAX_PLANS = 8  # programs kept per module: enough for a server's usual mix of resolutions and batch sizes
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class CacheConfig:
         compile: compile the full and shallow graphs with torch.compile: ``True`` (default mode per
             device: CUDA graphs on CUDA), a mode name (``"max-autotune"``) or a dict of torch.compile
             arguments. ``False``/``None`` runs them eagerly.
+        max_plans: how many programs (plan and compiled graphs, per input signature, branch and compile
+            setting) a module keeps; the least recently used beyond it is dropped and built again if it
+            is needed again. Default 8.
 
     Example:
         >>> CacheConfig(branch=0, interval=3).steps_schedule
@@ -42,6 +47,7 @@ class CacheConfig:
     schedule: ScheduleLike | None = None
     total_steps: int | None = None
     compile: CompileSpec = False
+    max_plans: int = DEFAULT_MAX_PLANS
 
     def __post_init__(self) -> None:
         if isinstance(self.branch, bool) or not isinstance(self.branch, int):
@@ -59,6 +65,11 @@ class CacheConfig:
         if self.total_steps is not None:
             if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
                 raise ValueError(f"total_steps={self.total_steps!r} is invalid: it must be an int >= 1")
+        if isinstance(self.max_plans, bool) or not isinstance(self.max_plans, int) or self.max_plans < 1:
+            raise ValueError(
+                f"max_plans={self.max_plans!r} is invalid: it must be an int >= 1 (the number of input signatures "
+                f"whose graphs a module keeps; default {DEFAULT_MAX_PLANS})"
+            )
         check_compile_spec(self.compile)
 
     @cached_property  # asked at every step: build it once (replace() makes a new config)

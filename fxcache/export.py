@@ -35,6 +35,7 @@ from fxcache import backends
 from fxcache.capture import Signature, flatten_call
 from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
+from fxcache.gate import TRACING
 from fxcache.passes import split_at_branch
 from fxcache.plan import CachePlan, plan
 from fxcache.runtime import CachedModule, _Call, _Entry, _TimestepArg
@@ -168,7 +169,7 @@ class _TensorLeaves(torch.nn.Module):
 def _aot_files(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
     from torch._inductor import aot_compile
 
-    with torch.no_grad():
+    with TRACING.exclusive(), torch.no_grad():  # export traces process-wide: no fxcache graph runs meanwhile
         ep = torch.export.export(module, inputs, strict=False)
         files = aot_compile(ep.module(check_guards=False), inputs, options=dict(_AOTI_OPTIONS))
     assert isinstance(files, list), "aot_inductor.package=True returns the list of generated files"
@@ -421,7 +422,7 @@ class PackagedModule(CachedModule):
         leaves = tuple(_signature_leaf(x) for x in meta["inputs"])
         self._package_signature = Signature(pytree.treespec_loads(meta["in_spec"]), leaves, bool(meta["training"]))
         out_spec = pytree.treespec_loads(meta["out_spec"]) if meta["out_spec"] is not None else None
-        self._packaged = _Entry(cast(CachePlan, _PackagePlan(out_spec)), graphs)
+        self._packaged = _Entry.of(cast(CachePlan, _PackagePlan(out_spec)), graphs)
 
     def configure(self, **changes: Any) -> CachedModule:  # type: ignore[override]
         fixed = sorted(k for k in ("branch", "compile") if k in changes and changes[k] != getattr(self._config, k))

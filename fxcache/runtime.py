@@ -7,10 +7,13 @@ Python is kept out of Dynamo, so a user's ``torch.compile(cached)`` compiles the
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
+import threading
 import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,6 +26,8 @@ from fxcache.capture import Signature, flatten_call
 from fxcache.compile import compile_options, dynamo_config
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
+from fxcache.gate import TRACING
+from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
 
@@ -42,32 +47,17 @@ StepSource = Callable[[], "StepInfo | None"]
 
 
 @dataclass
-class CacheState:
-    """Everything that changes from step to step. ``reset()`` starts a new generation."""
-
-    step: int = -1  # index of the last call in the current generation; -1: no call yet
-    last_timestep: float | None = None
-    signature: Signature | None = None  # whose cache buffer holds a valid deep feature
-    full_steps: int = 0  # cumulative counters over the module's life, for tests and reports
-    shallow_steps: int = 0
-    generation_full_steps: int = 0  # the same counts for the current (or last) generation only
-    generation_shallow_steps: int = 0
-    last_full: bool = True  # the last call's decision: a call at the same step repeats it
-    overrun_warned: bool = False  # warned that this generation ran past the schedule's total
-
-    def reset(self) -> None:
-        self.step, self.last_timestep, self.signature = -1, None, None
-        self.generation_full_steps = self.generation_shallow_steps = 0
-        self.last_full, self.overrun_warned = True, False
-
-
-@dataclass
 class _Entry:
     """A plan and the callables a backend made of it, for one (signature, branch, compile) key."""
 
     plan: CachePlan
     graphs: Graphs
+    slot: Slot  # where the graphs read and write the deep feature, shared by the generations that run them
     ran: set[bool] = field(default_factory=set)  # which graphs have run once (full: True, shallow: False)
+
+    @staticmethod
+    def of(plan: CachePlan, graphs: Graphs) -> _Entry:
+        return _Entry(plan, graphs, graphs.slot if graphs.slot is not None else BufferSlot(plan.cache))
 
 
 class _Call(NamedTuple):
@@ -86,6 +76,7 @@ class _Step(NamedTuple):
     full: bool
     signature: Signature
     key: _Key
+    state: CacheState  # the generation the call belongs to
 
 
 _UNSET: Any = object()  # configure(): "this key was not given"
@@ -239,6 +230,14 @@ class _TimestepArg:
 _MODEL = "model."
 
 
+def _skip_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Dynamo skips ``fn``'s own frame and compiles the frames it calls, as ``torch._dynamo.disable(fn,
+    recursive=False)`` does, but without refusing to run while another thread exports a model (that wrapper
+    checks the process-wide exporting flag; fxcache's own gate makes a call wait for a capture instead)."""
+    skip = getattr(getattr(torch._dynamo, "decorators", None), "skip", None)
+    return skip(fn) if skip is not None else torch._dynamo.disable(fn, recursive=False)
+
+
 def _unprefix_state_dict(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     # Post-hook of CachedModule.state_dict: the wrapped model's keys as the model itself names them.
     inner = prefix + _MODEL
@@ -286,17 +285,70 @@ class CachedModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self._config = config
-        self.fxcache_state = CacheState()
         self.step_source: StepSource | None = None
-        self._plans: dict[int, dict[Signature, CachePlan]] = {}  # branch -> signature -> plan
-        self._entries: dict[_Key, _Entry] = {}  # what runs: plan + backend callables
         self._compile_key = _compile_key(config.compile)
         self._lift_numbers = True  # turned off when the model needs its timestep as a Python number
         self._timestep = _TimestepArg.of(model)
-        self._fingerprint: Hashable | None = None  # the model as the graphs saw it (fxcache.watch)
+        self._init_shared_state()
         # state_dict()/load_state_dict() read and write the wrapped model's keys, without "model.".
         self.register_state_dict_post_hook(_unprefix_state_dict)
         self.register_load_state_dict_pre_hook(_prefix_state_dict)
+
+    def _init_shared_state(self) -> None:
+        # What every generation shares (plans, graphs), and where each finds its own state (fxcache.generations).
+        self._plans: dict[int, dict[Signature, CachePlan]] = {}  # branch -> signature -> plan
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()  # what runs, least recently used first
+        self._fingerprint: Hashable | None = None  # the model as the graphs saw it (fxcache.watch)
+        self._epoch = 0  # bumped when graphs or settings change under running generations: they start again
+        self._lock = threading.RLock()  # held while plans and graphs are built, checked or dropped
+        self._threads = threading.local()  # each thread's default generation state
+        self._generation_var: contextvars.ContextVar[Generation | None] = contextvars.ContextVar(
+            f"fxcache_generation_{id(self):x}", default=None
+        )
+
+    @property
+    def fxcache_state(self) -> CacheState:
+        """The step state of the current generation: the one entered with :meth:`generation`, else this thread's."""
+        generation = self._generation_var.get()
+        if generation is not None:
+            return generation.state
+        try:
+            return self._threads.state
+        except AttributeError:
+            state = self._threads.state = CacheState()
+            return state
+
+    def generation(self) -> Generation:
+        """A new generation: ``with cached.generation():`` runs the calls inside it with their own step state
+        and cached feature, apart from any other thread, asyncio task or generation using this module.
+
+        Weights, plans and compiled graphs are shared; the step counter, the timestep history and the deep
+        feature belong to the generation. Without it, each thread has one state of its own. Leaving the block
+        frees its cache; a generation kept in a variable can be entered again, call by call (for example one
+        per classifier-free-guidance branch when a loop calls the model twice per step), and keeps its cache
+        until it is dropped or closed.
+
+        Example:
+            >>> import torch, fxcache
+            >>> class UNetish(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.down = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            ...         self.up = torch.nn.Upsample(scale_factor=2)
+            ...     def forward(self, x, t):
+            ...         return x + self.up(self.down(x)) * t
+            >>> cached = fxcache.transform(UNetish(), branch=0, interval=3)
+            >>> x_cond, x_uncond = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+            >>> cond, uncond = cached.generation(), cached.generation()
+            >>> for t in (3.0, 2.0, 1.0):        # two calls per step, one generation each
+            ...     with cond:
+            ...         y_cond = cached(x_cond, torch.tensor(t))
+            ...     with uncond:
+            ...         y_uncond = cached(x_uncond, torch.tensor(t))
+            >>> cond.state.generation_full_steps, cond.state.generation_shallow_steps
+            (1, 2)
+        """
+        return Generation(self._generation_var)
 
     @property
     def plans(self) -> Mapping[Signature, CachePlan]:
@@ -340,6 +392,7 @@ class CachedModule(torch.nn.Module):
         schedule: Any = _UNSET,
         total_steps: Any = _UNSET,
         compile: Any = _UNSET,
+        max_plans: Any = _UNSET,
     ) -> CachedModule:
         """Change some settings; the keys not given keep their values. Returns ``self``.
 
@@ -362,7 +415,12 @@ class CachedModule(torch.nn.Module):
         changes = {
             k: v
             for k, v in dict(
-                branch=branch, interval=interval, schedule=schedule, total_steps=total_steps, compile=compile
+                branch=branch,
+                interval=interval,
+                schedule=schedule,
+                total_steps=total_steps,
+                compile=compile,
+                max_plans=max_plans,
             ).items()
             if v is not _UNSET
         }
@@ -374,9 +432,11 @@ class CachedModule(torch.nn.Module):
         if self.step_source is None:
             check_total_steps(config)
         old_key = (self._config.branch, self._compile_key)
-        self._config, self._compile_key = config, _compile_key(config.compile)
-        if old_key != (config.branch, self._compile_key):
-            self.fxcache_state.reset()  # other graphs, another cache buffer: start a new generation
+        with self._lock:
+            self._config, self._compile_key = config, _compile_key(config.compile)
+            if old_key != (config.branch, self._compile_key):
+                self._epoch += 1  # other graphs, another cache buffer: every generation starts again
+            self._evict()
         return self
 
     # -- behaving like the wrapped model -----------------------------------------------------------
@@ -399,9 +459,13 @@ class CachedModule(torch.nn.Module):
         # A copy (copy.deepcopy, pickle) starts unused: graphs, compiled code and the cache belong to
         # the original's tensors, and the copy captures its own at its first call.
         state = dict(self.__dict__)
-        state["_plans"], state["_entries"] = {}, {}
-        state["fxcache_state"], state["_fingerprint"] = CacheState(), None
+        for name in ("_plans", "_entries", "_fingerprint", "_epoch", "_lock", "_threads", "_generation_var"):
+            state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_shared_state()
 
     def extra_repr(self) -> str:
         c = self._config
@@ -409,7 +473,8 @@ class CachedModule(torch.nn.Module):
 
     # -- the step logic, all outside Dynamo -----------------------------------------------------------
     def reset(self) -> None:
-        """Forget the cache; the next call starts a new generation and runs in full."""
+        """Forget the current generation's cache (this thread's, or the entered :meth:`generation`'s); its next
+        call starts a new generation and runs in full."""
         self.fxcache_state.reset()
 
     def drop_graphs(self) -> None:
@@ -421,21 +486,37 @@ class CachedModule(torch.nn.Module):
         switches are noticed by themselves at the start of the next generation, and in-place weight
         updates too under Inductor's freezing. ``.to()`` and ``.half()`` drop the graphs at once.
         """
-        self._drop_plans()
+        with self._lock:
+            self._drop_plans()
         self.fxcache_state.reset()
 
     def _drop_plans(self) -> None:
+        # Every generation's cached feature came from these graphs: all start again (their next call is full).
         for by_signature in self._plans.values():
             by_signature.clear()  # cleared in place: views handed out by .plans stay live
         self._entries.clear()
+        self._epoch += 1
+
+    def _evict(self) -> None:
+        """Drop the least recently used programs beyond ``max_plans`` (and their plans, when no program is left
+        using them). A generation whose feature was in an evicted slot keeps it: its next shallow step copies it
+        into the rebuilt plan's slot (:func:`fxcache.generations.acquire`)."""
+        while len(self._entries) > self._config.max_plans:
+            (sig, branch, _), entry = self._entries.popitem(last=False)
+            if not any(e.plan is entry.plan for e in self._entries.values()):
+                by_signature = self._plans.get(branch, {})
+                if by_signature.get(sig) is entry.plan:
+                    del by_signature[sig]
 
     def _check_model(self) -> None:
         """At a generation's start: capture again if the model changed since the graphs were built."""
         versions = bool(dynamo_config(compile_options(self._config.compile, torch.device("cpu"))))
-        current = fingerprint(self.model, versions=versions)
-        if current != self._fingerprint and self._fingerprint is not None:
-            self._drop_plans()
-        self._fingerprint = current
+        # Never while a capture runs (here or in another thread): torch.export patches the module as it traces.
+        with self._lock, TRACING.shared():
+            current = fingerprint(self.model, versions=versions)
+            if current != self._fingerprint and self._fingerprint is not None:
+                self._drop_plans()
+            self._fingerprint = current
 
     def _setup_failed(self, error: BaseException) -> None:
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
@@ -456,15 +537,24 @@ class CachedModule(torch.nn.Module):
         key = (call.signature, self._config.branch, self._compile_key)
         entry = self._entries.get(key)
         if entry is not None:
+            try:
+                self._entries.move_to_end(key)  # recently used
+            except KeyError:  # dropped by another thread meanwhile: this call still runs it
+                pass
             return entry, call, key
         try:
-            by_signature = self._plans.setdefault(self._config.branch, {})
-            cache_plan = by_signature.get(call.signature)
-            if cache_plan is None:
-                _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
-                cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
-                by_signature[call.signature] = cache_plan
-            entry = self._entries[key] = _Entry(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+            with self._lock:  # one thread builds; the others wait for it and reuse what it built
+                entry = self._entries.get(key)
+                if entry is not None:
+                    return entry, call, key
+                by_signature = self._plans.setdefault(self._config.branch, {})
+                cache_plan = by_signature.get(call.signature)
+                if cache_plan is None:
+                    _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
+                    cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
+                    by_signature[call.signature] = cache_plan
+                entry = self._entries[key] = _Entry.of(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+                self._evict()
         except CaptureError as exc:
             if call.lifted:
                 # The model needs its timestep as a Python number (it branches on it, say): capture
@@ -481,7 +571,7 @@ class CachedModule(torch.nn.Module):
     def _decide(self, sig: Signature, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool]:
         """Advance the state by one call: (new generation?, full?)."""
         st = self.fxcache_state
-        new_generation = st.step < 0 or st.signature != sig
+        new_generation = st.step < 0 or st.signature != sig or st.epoch != self._epoch
         total = self._config.total_steps
         external = _step_info(self.step_source() if self.step_source is not None else None)
         if external is not None:
@@ -522,16 +612,19 @@ class CachedModule(torch.nn.Module):
 
     @torch._dynamo.disable
     def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> _Step:
+        """Decide the step and find its graphs; returns holding the slot's lock (``forward`` releases it)."""
         call = self._flatten(args, kwargs)
+        st = self.fxcache_state
         try:
             new_generation, full = self._decide(call.signature, args, kwargs)
             if new_generation:
                 self._check_model()
+                st.epoch = self._epoch
             entry, call, key = self._entry(args, kwargs, call)
+            acquire(entry.slot, st, full)
         except BaseException:
-            self.fxcache_state.reset()  # nothing ran: the next call starts afresh
+            st.reset()  # nothing ran: the next call starts afresh
             raise
-        st = self.fxcache_state
         if full:
             st.signature = None  # the buffer is being rewritten: valid again once the full graph ran
             st.full_steps += 1
@@ -541,14 +634,15 @@ class CachedModule(torch.nn.Module):
             st.generation_shallow_steps += 1
         if entry.graphs.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
-        return _Step(entry, call.leaves, full, call.signature, key)
+        return _Step(entry, call.leaves, full, call.signature, key, st)
 
     @torch._dynamo.disable
     def _first_call_failed(self, step: _Step, error: Exception) -> None:
         # The graph compiles at its first call: a failure there leaves nothing usable for this key.
-        if self._entries.get(step.key) is step.entry:
-            self._forget(step.key)
-        self.fxcache_state.reset()
+        with self._lock:
+            if self._entries.get(step.key) is step.entry:
+                self._forget(step.key)
+        step.state.reset()
         what = "full" if step.full else "shallow"
         if self._config.compile:
             hint = "torch.compile compiles it then; compile=False runs the same graphs eagerly"
@@ -561,7 +655,7 @@ class CachedModule(torch.nn.Module):
     def _finish(self, step: _Step, outputs: Any) -> Any:
         step.entry.ran.add(step.full)
         if step.full:
-            self.fxcache_state.signature = step.signature  # the cache now holds this signature's feature
+            step.state.signature = step.signature  # the cache now holds this signature's feature
         if step.entry.graphs.cudagraphs:
             # The next replay overwrites a CUDA graph's outputs: hand the caller its own copies.
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
@@ -578,15 +672,20 @@ class CachedModule(torch.nn.Module):
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
     # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
-    @torch._dynamo.disable(recursive=False)
+    @_skip_frame
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        step = self._prepare(args, kwargs)
+        step = self._prepare(args, kwargs)  # holds the slot's lock
         graphs = step.entry.graphs
         graph = graphs.full if step.full else graphs.shallow
         try:
-            outputs = graph(*step.leaves)
+            with TRACING.shared():  # no capture in another thread while the graph runs (fxcache.gate)
+                outputs = graph(*step.leaves)
+                return self._finish(step, outputs)  # under the lock: CUDA graph outputs are copied before a replay
         except Exception as exc:
-            if step.full not in step.entry.ran:  # its first call, where it compiles
-                self._first_call_failed(step, exc)
-            raise
-        return self._finish(step, outputs)
+            if step.full in step.entry.ran:  # not its first call, where it compiles
+                raise
+            failed = exc
+        finally:
+            step.entry.slot.lock.release()
+        self._first_call_failed(step, failed)  # outside the locks: it takes the module's
+        raise failed

@@ -130,3 +130,40 @@ def test_plain_unet_compiled_matches_eager(dtype: torch.dtype) -> None:
     else:
         db = psnr(eager.float(), compiled.float(), data_range=float(eager.max() - eager.min()))
         assert db >= 30.0, f"PSNR {db:.1f} dB in bf16"
+
+
+@pytest.mark.parametrize("spec", [True, {"cudagraphs": True}], ids=["cudagraph-trees", "own-cudagraphs"])
+def test_two_threads_share_a_compiled_module(spec) -> None:
+    """Two threads interleaving steps on one compiled module get what each gets alone (per-request state)."""
+    import threading
+
+    torch.compiler.reset()
+    model = models.PlainUNet("cat").eval().to("cuda", FP16)
+    cached = fxcache.transform(model, branch=1, interval=3, compile=spec)
+    ts = [torch.full((2,), t, device="cuda") for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0)]
+    seeds = [1, 2]
+
+    def denoise(seed: int, between=lambda: None) -> torch.Tensor:
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).to("cuda", FP16)
+        with torch.no_grad():
+            for t in ts:
+                x = x - 0.1 * cached(x, t)
+                between()
+        torch.cuda.synchronize()
+        return x
+
+    solo = [denoise(s) for s in seeds]
+    barrier, got = threading.Barrier(2), [None, None]
+
+    def work(i: int) -> None:
+        got[i] = denoise(seeds[i], lambda: barrier.wait(timeout=120))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, solo, strict=True):
+        assert a is not None, "a thread failed (see its traceback above)"
+        diff = (a.float() - b.float()).abs().max().item()
+        assert diff <= 1e-2, f"max abs difference {diff:.3g} from the solo run (state shared between threads?)"

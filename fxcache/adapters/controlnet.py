@@ -215,7 +215,9 @@ class ControlNetStep:
         args, kwargs = _lift_scales(args, kwargs)
         leaves, sig = flatten_call(holder, args, kwargs)
         key = (sig, reads)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans[key] = self._plans.pop(key)  # most recently used last
+        else:
             if sig not in self._captured:
                 try:
                     self._captured[sig] = capture(holder, args, kwargs)
@@ -223,7 +225,17 @@ class ControlNetStep:
                     self._captured[sig] = None  # not one graph: run it whole, as without pruning
             captured = self._captured[sig]
             self._plans[key] = _prune(captured, reads) if captured is not None else None
+            self._bound(getattr(getattr(self.unet, "cache_config", None), "max_plans", None))
         return self._plans[key], leaves
+
+    def _bound(self, limit: int | None) -> None:
+        # As many pruned ControlNets as the U-Net keeps plans, least recently used dropped (and captures no
+        # pruned ControlNet uses any more).
+        while limit is not None and len(self._plans) > limit:
+            del self._plans[next(iter(self._plans))]
+        used = {sig for sig, _ in self._plans}
+        for sig in [s for s in self._captured if s not in used]:
+            del self._captured[sig]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.unet.in_pipeline():  # another U-Net runs (swap_unet): it reads every residual

@@ -78,7 +78,6 @@ class _PipelineUNet(CachedModule):
         super().__init__(unet, config)
         self.step_source = _SchedulerSteps(pipe)
         self._pipe_ref = weakref.ref(pipe)
-        self._ahead: list[Any] | None = None  # [full, predicted signature, pruned] for the next call
         self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
 
     def in_pipeline(self) -> bool:
@@ -91,36 +90,35 @@ class _PipelineUNet(CachedModule):
 
         For a module called right before this one with the same timestep (a ControlNet). The next call
         consumes the decision. Returns it, with the plan whose shallow graph a shallow step will run.
-        Deciding again before that call drops the earlier decision (its call never came).
+        Deciding again before that call drops the earlier decision (its call never came). The decision is
+        kept in the generation's state (``fxcache_state.ahead``: [new generation, full, predicted signature,
+        pruned]), so threads sharing the module keep theirs apart.
         """
         st = self.fxcache_state
-        self._ahead = None
+        st.ahead = None
         predicted = st.signature if st.signature is not None else _UNKNOWN
         new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
-        self._ahead = [new_generation, full, predicted, False]
+        st.ahead = [new_generation, full, predicted, False]
         return full, (None if full else self.plans.get(predicted))
 
     def ahead_pruned(self) -> None:
         """The caller of :meth:`decide_ahead` skipped inputs only a full step reads: the next call must be shallow."""
-        if self._ahead is not None:
-            self._ahead[3] = True
+        ahead = self.fxcache_state.ahead
+        if ahead is not None:
+            ahead[3] = True
 
     def drop_ahead(self) -> None:
-        self._ahead = None
-
-    def reset(self) -> None:
-        self._ahead = None
-        super().reset()
+        self.fxcache_state.ahead = None
 
     def _decide(self, sig: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool]:
-        ahead, self._ahead = self._ahead, None
+        st = self.fxcache_state
+        ahead, st.ahead = st.ahead, None
         if ahead is None:
             return super()._decide(sig, args, kwargs)
         new_generation, full, predicted, pruned = ahead
         if sig == predicted:
             return new_generation, full
         # The inputs' signature differs from the cached feature's: this is a new generation, a full step.
-        st = self.fxcache_state
         if not full and pruned:
             st.reset()
             raise RuntimeError(
