@@ -284,24 +284,28 @@ def _app_status() -> str:
     return app.status if app is not None else "NOT_STARTED"
 
 
+def _flag(value: object) -> bool:
+    # `serve run fxcache.serve:app_builder compile=false` passes the string "false"
+    return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """The Ray Serve application (``serve run fxcache.serve:app_builder``, KubeRay's ``import_path``).
 
-    ``args``: ``replicas`` (default 1), ``compile`` (False), ``max_batch`` (8), ``chunk`` (4), ``threads`` (torch
-    threads per replica and the CPUs it reserves; 0 for torch's default and 1 CPU). A deployment config
-    (``num_replicas``, ``autoscaling_config``, ``ray_actor_options``) given to Serve overrides these.
+    ``args``: ``replicas`` (default: Serve's, 1, or a config file's ``autoscaling_config``), ``compile``
+    (False), ``max_batch`` (8), ``chunk`` (4), ``threads`` (torch threads per replica and the CPUs it reserves;
+    0 for torch's default and 1 CPU). A deployment config given to Serve (``num_replicas``,
+    ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``) overrides these.
     """
     serve = _serve()
     max_batch, threads = int(args.get("max_batch", 8)), int(args.get("threads", 0))
-    deployment = serve.deployment(
-        Replica,
-        name=DEPLOYMENT_NAME,
-        num_replicas=int(args.get("replicas", 1)),
-        max_ongoing_requests=2 * max_batch,  # one batch generating, the next one filling
-        ray_actor_options={"num_cpus": max(threads, 1)},
-    )
+    options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "ray_actor_options": {"num_cpus": max(threads, 1)}}
+    options["max_ongoing_requests"] = 2 * max_batch  # one batch generating, the next one filling
+    if "replicas" in args:  # else Serve's default of 1, or the autoscaling_config of a Serve config file
+        options["num_replicas"] = int(args["replicas"])
+    deployment = serve.deployment(Replica, **options)
     return deployment.bind(
-        compile=bool(args.get("compile", False)), max_batch=max_batch, chunk=int(args.get("chunk", 4)), threads=threads
+        compile=_flag(args.get("compile", False)), max_batch=max_batch, chunk=int(args.get("chunk", 4)), threads=threads
     )
 
 
