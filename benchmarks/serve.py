@@ -63,7 +63,7 @@ def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:
 
 
 class Server:
-    """``python -m fxcache serve`` in a subprocess; a context manager that stops it with SIGINT."""
+    """``python -m fxcache serve`` in a subprocess; a context manager that stops it with SIGTERM."""
 
     def __init__(self, sc: Scenario, replicas: int, out: Path) -> None:
         self.port = _free_port()
@@ -92,7 +92,7 @@ class Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:

@@ -348,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.init(address=args.address, logging_level="WARNING")
     else:
         ray.init(include_dashboard=False, _temp_dir=args.temp_dir, logging_level="WARNING")
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
+    # After ray.init, which installs its own handler. SIGINT too: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     code = 0
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
