@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -99,6 +100,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ def server() -> Iterator[tuple[str, subprocess.Popen, str]]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_parse_job_refuses_bools_and_bad_schedules() -> None:
