@@ -29,6 +29,7 @@ __all__ = [
     "log",
     "machine",
     "median_seconds",
+    "percentile",
     "peak_rss_mib",
     "reset_peak_rss",
     "rss_mib",
@@ -181,6 +182,21 @@ def latent_psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     from fxcache.metrics import psnr
 
     return float(psnr(ref, x, data_range=float(ref.max() - ref.min())))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (0..100), linear between the closest ranks; NaN when empty.
+
+    Example:
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
+        2.5
+    """
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 # -- reporting ------------------------------------------------------------------------------------------

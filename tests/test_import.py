@@ -5,10 +5,10 @@ import sys
 
 
 def test_import_is_lean() -> None:
-    """``import fxcache`` is the core only: no demo, no diffusers, no plotting or image libraries, no CUDA."""
+    """``import fxcache`` is the core only: no demo, no diffusers, no plotting or image libraries, no Ray, no CUDA."""
     code = (
-        "import sys, fxcache, torch\n"
-        "for name in ('fxcache.demo', 'diffusers', 'matplotlib', 'PIL'):\n"
+        "import sys, fxcache, fxcache.serve, torch\n"
+        "for name in ('fxcache.demo', 'diffusers', 'matplotlib', 'PIL', 'ray'):\n"
         "    assert name not in sys.modules, f'import fxcache pulled in {name}'\n"
         "assert not torch.cuda.is_initialized(), 'import fxcache initialised CUDA'\n"
     )
