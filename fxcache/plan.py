@@ -8,6 +8,7 @@ structure. The runtime (:class:`fxcache.CachedModule`) runs plans, the backends
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
+from fxcache.gate import fx_sources
 from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
 from fxcache.predicates import merge_site, module_path, tensor_meta
 
@@ -59,6 +61,7 @@ class CachePlan:
     num_branches: int
     captured: Captured
     signature: Signature
+    fx_sources: tuple[str, ...] = ()  # torch.fx's cached sources of the GraphModules made for this plan
 
     @property
     def cache_shape(self) -> tuple[int, ...]:
@@ -199,10 +202,12 @@ def plan(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None =
         raise ValueError(f"branch={branch!r} is out of range: branches are numbered from 0 (the shallowest skip)")
     kwargs = dict(kwargs or {})
     _, signature = flatten_call(model, tuple(args), kwargs)
-    captured = capture(model, tuple(args), kwargs)
-    merges = find_skip_merges(captured.gm)
-    select_branch(merges, branch, model)
-    return _build(captured, merges, branch, signature)
+    with fx_sources() as sources:
+        captured = capture(model, tuple(args), kwargs)
+        merges = find_skip_merges(captured.gm)
+        select_branch(merges, branch, model)
+        built = _build(captured, merges, branch, signature)
+    return dataclasses.replace(built, fx_sources=tuple(sources))
 
 
 def plan_branches(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None) -> list[CachePlan]:

@@ -26,7 +26,7 @@ from fxcache.capture import Signature, flatten_call
 from fxcache.compile import compile_options, dynamo_config
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
-from fxcache.gate import TRACING
+from fxcache.gate import TRACING, forget_fx_sources
 from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
@@ -493,6 +493,8 @@ class CachedModule(torch.nn.Module):
     def _drop_plans(self) -> None:
         # Every generation's cached feature came from these graphs: all start again (their next call is full).
         for by_signature in self._plans.values():
+            for dropped in by_signature.values():
+                forget_fx_sources(dropped.fx_sources)
             by_signature.clear()  # cleared in place: views handed out by .plans stay live
         self._entries.clear()
         self._epoch += 1
@@ -507,6 +509,7 @@ class CachedModule(torch.nn.Module):
                 by_signature = self._plans.get(branch, {})
                 if by_signature.get(sig) is entry.plan:
                     del by_signature[sig]
+                forget_fx_sources(getattr(entry.plan, "fx_sources", ()))
 
     def _check_model(self) -> None:
         """At a generation's start: capture again if the model changed since the graphs were built."""
