@@ -221,3 +221,20 @@ def test_a_copy_starts_with_fresh_generation_state() -> None:
     clone = copy.deepcopy(cached)
     assert isinstance(clone.fxcache_state, CacheState) and clone.fxcache_state.step == -1
     assert len(clone.plans) == 0 and cached.fxcache_state.step == 0
+
+
+def test_a_dropped_plan_takes_its_fx_sources_with_it() -> None:
+    # torch.fx caches every GraphModule's source for good; without this a server capturing new shapes grows.
+    from torch.fx.graph_module import _loader
+
+    cached = fxcache.transform(models.PlainUNet("cat").eval(), branch=0, interval=3, max_plans=1)
+    with torch.no_grad():
+        cached(_inputs(1, 8), torch.tensor(900.0))
+        (first,) = cached.plans.values()
+        assert first.fx_sources and all(k in _loader.eval_cache for k in first.fx_sources)
+        cached(_inputs(1, 16), torch.tensor(900.0))  # evicts the first plan
+    assert not any(k in _loader.eval_cache for k in first.fx_sources)
+    (second,) = cached.plans.values()
+    assert all(k in _loader.eval_cache for k in second.fx_sources)
+    cached.drop_graphs()
+    assert not any(k in _loader.eval_cache for k in second.fx_sources)
