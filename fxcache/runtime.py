@@ -504,12 +504,11 @@ class CachedModule(torch.nn.Module):
         using them). A generation whose feature was in an evicted slot keeps it: its next shallow step copies it
         into the rebuilt plan's slot (:func:`fxcache.generations.acquire`)."""
         while len(self._entries) > self._config.max_plans:
-            (sig, branch, _), entry = self._entries.popitem(last=False)
-            if not any(e.plan is entry.plan for e in self._entries.values()):
-                by_signature = self._plans.get(branch, {})
-                if by_signature.get(sig) is entry.plan:
-                    del by_signature[sig]
-                forget_fx_sources(getattr(entry.plan, "fx_sources", ()))
+            key, entry = next(iter(self._entries.items()))
+            if any(e.plan is entry.plan for k, e in self._entries.items() if k != key):
+                del self._entries[key]  # its plan serves another program (another compile setting): keep it
+            else:
+                self._forget(key)
 
     def _check_model(self) -> None:
         """At a generation's start: capture again if the model changed since the graphs were built."""
@@ -525,9 +524,16 @@ class CachedModule(torch.nn.Module):
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
     def _forget(self, key: _Key) -> None:
+        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.gate)."""
         sig, branch, _ = key
-        self._entries.pop(key, None)
-        self._plans.get(branch, {}).pop(sig, None)
+        entry = self._entries.pop(key, None)
+        by_signature = self._plans.get(branch, {})
+        dropped = entry.plan if entry is not None else by_signature.get(sig)
+        if dropped is None:
+            return
+        if by_signature.get(sig) is dropped:
+            del by_signature[sig]
+        forget_fx_sources(dropped.fx_sources)
 
     def _flatten(self, args: tuple, kwargs: dict[str, Any]) -> _Call:
         lifted = self._timestep.lift(args, kwargs) if self._lift_numbers else None
