@@ -24,6 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from fxcache.errors import CaptureError, add_note
+from fxcache.fast_paths import eager_fast_paths
 from fxcache.gate import TRACING
 from fxcache.passes.count_flops import flops_by_node
 from fxcache.passes.extract_subgraph import finish_graph
@@ -38,6 +39,10 @@ class Signature:
     spec: pytree.TreeSpec
     leaves: tuple[Hashable, ...]
     training: bool
+    # Gradient mode of the call. PyTorch's fused eager fast paths (nn.MultiheadAttention's) are taken only
+    # when no gradient is needed, so a graph captured for one grad mode may not compute what eager computes
+    # in the other; each is captured under its own (see fxcache.fast_paths).
+    grad: bool = False
 
 
 def _describe_leaf(leaf: Any) -> Hashable:
@@ -57,7 +62,7 @@ def flatten_call(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any])
     same capture.
     """
     leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
-    return leaves, Signature(spec, tuple(_describe_leaf(x) for x in leaves), model.training)
+    return leaves, Signature(spec, tuple(_describe_leaf(x) for x in leaves), model.training, torch.is_grad_enabled())
 
 
 @dataclass
@@ -106,9 +111,13 @@ def _raise_if_the_call_is_wrong(model: torch.nn.Module, args: tuple, kwargs: dic
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    # Under the caller's grad mode, with PyTorch's eager fast paths open to the trace: the graph then holds
+    # the same kernels eager runs for this call (a fused attention under no_grad), so it matches it bit for bit.
     try:
-        with torch.no_grad():
+        with eager_fast_paths(model):
             return torch.export.export(model, tuple(args), dict(sorted(kwargs.items())), strict=False)
+    except CaptureError:
+        raise  # already says what fxcache cannot capture and why (fxcache.fast_paths)
     except Exception as exc:  # torch.export raises many types; all mean "not one graph"...
         _raise_if_the_call_is_wrong(model, args, kwargs)  # ...unless the model itself refuses the call
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -148,7 +157,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> C
     """Capture ``model(*args, **kwargs)`` as one flat GraphModule bound to the model's own tensors.
 
     Pre: ``model`` runs on ``args``/``kwargs``. Post: ``Captured.gm(*flatten_call(...)[0])`` computes
-    the same ATen ops in the same order as ``model`` would, and ``model`` is unchanged.
+    the same ATen ops in the same order as ``model`` would under the current grad mode (fused eager fast paths
+    included, see :mod:`fxcache.fast_paths`), and ``model`` is unchanged.
 
     Example:
         >>> import torch

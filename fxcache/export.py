@@ -241,7 +241,8 @@ def export(
     config = cached.cache_config
     schedule = _schedule_json(config.steps_schedule)
     kwargs = dict(kwargs or {})
-    cache_plan, call_args, call_kwargs, lifted = _plan_for(cached, tuple(args), kwargs)
+    with torch.no_grad():  # a package runs inference: its graphs are what eager runs without gradients
+        cache_plan, call_args, call_kwargs, lifted = _plan_for(cached, tuple(args), kwargs)
 
     leaves = cache_plan.flatten(call_args, call_kwargs)
     names = _leaf_names(call_args, call_kwargs)
