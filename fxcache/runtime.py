@@ -28,6 +28,7 @@ from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
 from fxcache.gate import TRACING, forget_fx_sources
 from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
+from fxcache.kept_programs import KeptPrograms
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
 
@@ -80,6 +81,10 @@ class _Step(NamedTuple):
 
 
 _UNSET: Any = object()  # configure(): "this key was not given"
+
+# Each model's programs, kept past the module that built them (fxcache.kept_programs): a module made later for
+# the same model with the same settings (enable after disable, a second transform) reuses them.
+_KEPT: KeptPrograms[_Entry] = KeptPrograms(on_drop=lambda e: forget_fx_sources(e.plan.fx_sources))
 
 # What a program depends on besides the signature: the branch and the compile options.
 _Key = tuple[Signature, int, Hashable]
@@ -488,13 +493,14 @@ class CachedModule(torch.nn.Module):
         """
         with self._lock:
             self._drop_plans()
+            _KEPT.forget(self.model)  # not for another module of this model either
         self.fxcache_state.reset()
 
     def _drop_plans(self) -> None:
         # Every generation's cached feature came from these graphs: all start again (their next call is full).
         for by_signature in self._plans.values():
             for dropped in by_signature.values():
-                forget_fx_sources(dropped.fx_sources)
+                self._forget_sources(dropped)
             by_signature.clear()  # cleared in place: views handed out by .plans stay live
         self._entries.clear()
         self._epoch += 1
@@ -533,7 +539,12 @@ class CachedModule(torch.nn.Module):
             return
         if by_signature.get(sig) is dropped:
             del by_signature[sig]
-        forget_fx_sources(dropped.fx_sources)
+        self._forget_sources(dropped)
+
+    def _forget_sources(self, dropped: CachePlan) -> None:
+        # A plan kept for later modules of this model keeps its sources until it is dropped there.
+        if not _KEPT.holds(self.model, lambda kept: kept.plan is dropped):
+            forget_fx_sources(dropped.fx_sources)
 
     def _flatten(self, args: tuple, kwargs: dict[str, Any]) -> _Call:
         lifted = self._timestep.lift(args, kwargs) if self._lift_numbers else None
@@ -558,11 +569,19 @@ class CachedModule(torch.nn.Module):
                     return entry, call, key
                 by_signature = self._plans.setdefault(self._config.branch, {})
                 cache_plan = by_signature.get(call.signature)
+                kept = _KEPT.get(self.model, key, self._fingerprint) if self._fingerprint is not None else None
+                if kept is not None and cache_plan in (None, kept.plan):  # built by an earlier module of this model
+                    by_signature[call.signature] = kept.plan
+                    self._entries[key] = kept
+                    self._evict()
+                    return kept, call, key
                 if cache_plan is None:
                     _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
                     cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
                     by_signature[call.signature] = cache_plan
                 entry = self._entries[key] = _Entry.of(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+                if self._fingerprint is not None:
+                    _KEPT.put(self.model, key, self._fingerprint, entry, self._config.max_plans)
                 self._evict()
         except CaptureError as exc:
             if call.lifted:
