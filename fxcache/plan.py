@@ -89,7 +89,8 @@ class CachePlan:
 
     @cached_property
     def flops_fraction(self) -> float:
-        """FLOPs of a shallow step over FLOPs of a full step (matmul-like ops, counted on fake tensors).
+        """FLOPs of a shallow step over FLOPs of a full step (convolutions, linear layers and attention, counted
+        on fake tensors by :func:`fxcache.passes.flops_by_node`).
 
         The shallow count is over the nodes the shallow graph itself keeps: one rule, the split's.
         """

@@ -102,7 +102,7 @@ class ControlNetPlan:
 
     @cached_property
     def flops_fraction(self) -> float:
-        """FLOPs of the pruned ControlNet over those of the whole one (what a shallow step keeps)."""
+        """FLOPs of the pruned ControlNet over those of the whole one (what a shallow step keeps; attention counted)."""
         flops = self.captured.node_flops
         total = sum(flops.values())
         kept = sum(flops[n.name] for n in self.graph.graph.nodes if n.op == "call_function")
