@@ -43,6 +43,9 @@ class Signature:
     # when no gradient is needed, so a graph captured for one grad mode may not compute what eager computes
     # in the other; each is captured under its own (see fxcache.fast_paths).
     grad: bool = False
+    # Autocast regions the call runs in, as (device type, dtype): a capture under autocast bakes its casts into
+    # the graph, which a call outside autocast must not run (nor the other way round).
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
 
 def _describe_leaf(leaf: Any) -> Hashable:
@@ -62,7 +65,13 @@ def flatten_call(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any])
     same capture.
     """
     leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
-    return leaves, Signature(spec, tuple(_describe_leaf(x) for x in leaves), model.training, torch.is_grad_enabled())
+    described = tuple(_describe_leaf(x) for x in leaves)
+    return leaves, Signature(spec, described, model.training, torch.is_grad_enabled(), _autocast(described))
+
+
+def _autocast(described: tuple[Hashable, ...]) -> tuple[tuple[str, torch.dtype], ...]:
+    devices = {"cpu", "cuda"} | {d[3].type for d in described if d[0] == "tensor"}
+    return tuple((d, torch.get_autocast_dtype(d)) for d in sorted(devices) if torch.is_autocast_enabled(d))
 
 
 @dataclass

@@ -461,3 +461,18 @@ def test_transform_of_a_transformed_module() -> None:
     cached = fxcache.transform(_plain())
     with pytest.raises(TypeError, match=r"already transformed .* cached.configure"):
         fxcache.transform(cached)
+
+
+def test_a_capture_under_autocast_does_not_serve_calls_outside_it() -> None:
+    # Issue 26 item 7: the autocast state is part of the input signature (a graph captured under autocast holds
+    # its casts; outside autocast it raised a dtype error on every later call).
+    model = _plain()
+    x, _ = models.plain_inputs()
+    cached = fxcache.transform(model, branch=0, interval=1)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = cached(x, _t(900.0)), model(x, _t(900.0))
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref), "under autocast: as eager under autocast"
+        out, ref = cached(x, _t(800.0)), model(x, _t(800.0))
+    assert out.dtype == torch.float32 and torch.equal(out, ref), "outside autocast: as eager outside it"
+    assert sorted(s.autocast for s in cached.plans) == [(), (("cpu", torch.bfloat16),)], "one capture each"
