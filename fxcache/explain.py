@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from fxcache.plan import plan_branches
+from fxcache.gate import forget_fx_sources, fx_sources
+from fxcache.plan import no_skip_message, plan_branches
 
 __all__ = ["Branch", "BranchTable", "explain", "ideal_speedup"]
 
@@ -58,7 +59,13 @@ class Branch:
 
 
 class BranchTable(list):  # list[Branch] that prints as a table
+    def __init__(self, rows: Any = (), model: str = "the model") -> None:
+        super().__init__(rows)
+        self.model = model  # the model's class name, for the empty table's message
+
     def __str__(self) -> str:
+        if not self:
+            return no_skip_message(self.model)
         head = ["branch", "skip from", "merges into", "kind", "cache", "shallow FLOPs"]
         head += [f"N={n}" for n in _INTERVALS]
         rows = [
@@ -86,6 +93,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
     Captures the model once (as :func:`fxcache.transform` would at its first call) and builds the
     :class:`fxcache.CachePlan` of every branch from that capture: each row is read off its plan, and
     its FLOPs share is the plan's ``flops_fraction``. The model is not modified and is not run on real data.
+    A model without skip connections (a ControlNet, a plain encoder) gives an empty table that prints why.
 
     Example:
         >>> import torch, fxcache
@@ -104,14 +112,17 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> BranchTable:
         >>> print(branches[0])
         branch 0: inp -> out (concat), cache 1x8x16x16, shallow step 69.2% of full FLOPs
     """
-    return BranchTable(
-        Branch(
-            index=p.branch,
-            skip_from=p.skip_from,
-            merge_into=p.merge_into,
-            kind=p.kind,
-            cache_shape=p.cache_shape,
-            flops_fraction=p.flops_fraction,
-        )
-        for p in plan_branches(model, args, kwargs)
-    )
+    with fx_sources() as made:  # the plans are dropped once read: their torch.fx sources go with them
+        rows = [
+            Branch(
+                index=p.branch,
+                skip_from=p.skip_from,
+                merge_into=p.merge_into,
+                kind=p.kind,
+                cache_shape=p.cache_shape,
+                flops_fraction=p.flops_fraction,
+            )
+            for p in plan_branches(model, args, kwargs)
+        ]
+    forget_fx_sources(made)
+    return BranchTable(rows, model=type(model).__name__)

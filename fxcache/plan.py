@@ -126,6 +126,16 @@ class CachePlan:
         )
 
 
+def no_skip_message(name: str) -> str:
+    """What to tell a user whose model ``name`` has no skip connection to cut."""
+    return (
+        f"no skip connection was found in {name}: fxcache looks for a concatenation of a tensor with "
+        "one computed from it, or an addition of a tensor with one computed from it through lower "
+        "resolution (a U-Net's long skips). DeepCache needs such a skip to cut the network; this model "
+        "has none, so it cannot be cached. The model was not modified."
+    )
+
+
 def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) -> SkipMerge:
     """The merge for ``branch``, or a ValueError that says what the model has.
 
@@ -137,12 +147,7 @@ def select_branch(merges: list[SkipMerge], branch: int, model: torch.nn.Module) 
     """
     name = type(model).__name__
     if not merges:
-        raise ValueError(
-            f"no skip connection was found in {name}: fxcache looks for a concatenation of a tensor with "
-            "one computed from it, or an addition of a tensor with one computed from it through lower "
-            "resolution (a U-Net's long skips). DeepCache needs such a skip to cut the network; this model "
-            "has none, so it cannot be cached. The model was not modified."
-        )
+        raise ValueError(no_skip_message(name))
     if branch >= len(merges):
         raise ValueError(
             f"branch={branch} is out of range: this model has {len(merges)} skip connections "

@@ -48,3 +48,18 @@ def test_explain_does_not_modify_model() -> None:
     before = model(x, t)
     assert len(fxcache.explain(model, x, t)) == 3
     assert (model(x, t) == before).all()
+
+
+def test_explain_leaves_no_fx_sources_and_says_why_a_table_is_empty() -> None:
+    # Issue 26 items 9 and 10: explain kept 32 torch.fx sources per call; on a model without skips (a
+    # ControlNet) it printed an empty table.
+    from torch.fx.graph_module import _loader
+
+    model = models.PlainUNet().eval()
+    x, t = models.plain_inputs()
+    fxcache.explain(model, x, t)  # warm: torch's own one-time sources
+    before = set(_loader.eval_cache)
+    assert len(fxcache.explain(model, x, t)) == 3
+    assert set(_loader.eval_cache) <= before, "explain's plans are dropped with their sources"
+    table = fxcache.explain(models.NoSkipNet().eval(), x, t)
+    assert len(table) == 0 and "no skip connection was found in NoSkipNet" in str(table)
