@@ -21,6 +21,7 @@ Writes ``<out>/generations-<time>.json``; the machine, versions and settings are
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def interleaving(unet: torch.nn.Module, args: argparse.Namespace) -> dict[str, A
     return {
         "shape": [8, 3, 32, 32],
         "cache_shape": list(entry.plan.cache_shape),
-        "cache_mib": entry.plan.cache.numel() * entry.plan.cache.element_size() / 2**20,
+        "cache_mib": math.prod(entry.plan.cache_shape) * entry.plan.cache_spec.dtype.itemsize / 2**20,
         "full_step_ms": 1e3 * full,
         "shallow_step_ms": 1e3 * shallow,
         "copy_out_ms": 1e3 * copy_out,

@@ -12,6 +12,7 @@ Importing fxcache imports neither diffusers nor CUDA.
 
 from __future__ import annotations
 
+from fxcache._version import __version__
 from fxcache.adapters.diffusers import disable, enable  # duck-typed: does not import diffusers
 from fxcache.api import transform
 from fxcache.config import CacheConfig
@@ -45,4 +46,3 @@ __all__ = [
     "uniform",
 ]
 
-__version__ = "0.1.0"

@@ -14,6 +14,7 @@ __all__ = [
     "compile_options",
     "dynamo_config",
     "own_cudagraphs",
+    "skip_frame",
     "uses_cudagraphs",
 ]
 
@@ -169,3 +170,14 @@ def compile_graph(gm: torch.nn.Module, opts: Mapping[str, Any]) -> Callable[...,
     compiled = torch.compile(gm, **opts)
     config = dynamo_config(opts)
     return _WithInductorConfig(compiled, config) if config else compiled
+
+
+def skip_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Dynamo skips ``fn``'s own frame and compiles the frames it calls, as ``torch._dynamo.disable(fn,
+    recursive=False)`` does, but without refusing to run while another thread exports a model (that wrapper
+    checks the process-wide exporting flag; fxcache's own gate makes a call wait for a capture instead).
+
+    fxcache's Python between the graphs (the step logic, the feature's bookkeeping) runs as plain Python under a
+    user's ``torch.compile``, which then compiles each graph it calls once."""
+    skip = getattr(getattr(torch._dynamo, "decorators", None), "skip", None)
+    return skip(fn) if skip is not None else torch._dynamo.disable(fn, recursive=False)

@@ -32,11 +32,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxcache import backends
+from fxcache._version import __version__
 from fxcache.capture import Signature, flatten_call
 from fxcache.config import CacheConfig
 from fxcache.errors import CaptureError
 from fxcache.gate import TRACING
-from fxcache.passes import split_at_branch
 from fxcache.plan import CachePlan, plan
 from fxcache.runtime import CachedModule, _Call, _Entry, _TimestepArg
 from fxcache.schedule import ExplicitSchedule, NonUniform, Schedule, Uniform
@@ -250,9 +250,8 @@ def export(
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
     spec = cache_plan.cache_spec
     deep = torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)  # only its metadata matters here
-    full_gm, shallow_gm = split_at_branch(cache_plan.captured.gm, cache_plan.merge)
-    full_files = _aot_files(_TensorLeaves(full_gm, leaves), tensors)
-    shallow_files = _aot_files(_TensorLeaves(shallow_gm, leaves), (*tensors, deep))
+    full_files = _aot_files(_TensorLeaves(cache_plan.full, leaves), tensors)  # the plan's own explicit-feature graphs
+    shallow_files = _aot_files(_TensorLeaves(cache_plan.shallow, leaves), (*tensors, deep))
 
     out_spec = cache_plan.out_spec
     rebuildable = _builtin_spec(out_spec)
@@ -297,9 +296,7 @@ def export(
 
 
 def _fxcache_version() -> str:
-    import fxcache
-
-    return fxcache.__version__
+    return __version__
 
 
 # -- load -------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ the state of the call's generation: the :class:`Generation` entered in the curre
 (``with cached.generation():``, contextvars-based, so asyncio tasks are kept apart too), else one state per
 thread. Threads sharing a module therefore each get their solo results without any new call.
 
-Where the deep feature lives. Each plan's graphs are bound to one fixed buffer (a :class:`Slot`), which is what
-CUDA graphs need: their recorded kernels read and write that address. Generations share it: the slot remembers
+Where the deep feature lives: in the :class:`Slot` the backend chose for the plan's graphs. Compiled graphs are
+bound to one fixed buffer (:class:`BufferSlot`), which is what CUDA graphs need: their recorded kernels read and
+write that address. Eager graphs and packages keep the tensor the last full step returned (:class:`CellSlot`),
+so "copying" below is swapping a reference there. Generations share a slot: the slot remembers
 which generation's feature it holds (its *owner*). A generation that is alone never copies anything: its full
 step writes the slot and its shallow steps read it. When another generation takes the slot, the owner's feature
 is first copied to a private tensor of the owner's (:attr:`CacheState.saved`), and a shallow step of a
@@ -51,6 +53,10 @@ class Slot:
         """Put ``feature`` (a tensor :meth:`save` returned) back as the slot's content."""
         raise NotImplementedError
 
+    def contents(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the slot holds now (an output sharing their storage must be copied before it is handed out)."""
+        raise NotImplementedError
+
 
 class BufferSlot(Slot):
     """The plan's cache buffer, bound into its graphs (and so recorded by CUDA graphs): saved and loaded by copy.
@@ -77,10 +83,13 @@ class BufferSlot(Slot):
         with torch.no_grad():
             self.buffer.copy_(feature)
 
+    def contents(self) -> tuple[torch.Tensor, ...]:
+        return (self.buffer,)
+
 
 class CellSlot(Slot):
-    """A one-element list holding the latest full step's feature (the ahead-of-time backend): saved and loaded by
-    reference, since each full step returns a new tensor and no graph writes into one.
+    """A one-element list holding the latest full step's features (eager and ahead-of-time backends): saved and
+    loaded by reference, since each full step returns new tensors and no graph writes into one.
 
     Example:
         >>> cell = [torch.ones(1)]; slot = CellSlot(cell)
@@ -97,6 +106,10 @@ class CellSlot(Slot):
 
     def load(self, feature: torch.Tensor) -> None:
         self.cell[0] = feature
+
+    def contents(self) -> tuple[torch.Tensor, ...]:
+        held = self.cell[0]
+        return tuple(held) if isinstance(held, (tuple, list)) else () if held is None else (held,)
 
 
 @dataclass(eq=False)

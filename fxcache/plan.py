@@ -1,8 +1,8 @@
-"""``fxcache.plan``: the build step, as a value. Capture, find the skips, cut at one, bind the cache.
+"""``fxcache.plan``: the build step, as a value. Capture, find the skips, cut at one.
 
-A :class:`CachePlan` holds everything one input signature needs: the full and shallow graphs, the
-cache buffer they share and its spec, where the skip leaves and rejoins, and the input/output
-structure. The runtime (:class:`fxcache.CachedModule`) runs plans, the backends
+A :class:`CachePlan` holds everything one input signature needs: the full graph (which also returns the feature
+to cache) and the shallow graph (which takes it), the feature's spec, where the skip leaves and rejoins, and the
+input/output structure. The runtime (:class:`fxcache.CachedModule`) runs plans, the backends
 (:mod:`fxcache.backends`) turn a plan into callables, and :func:`fxcache.explain` reports them.
 """
 
@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
 from fxcache.gate import fx_sources
-from fxcache.passes import SkipMerge, bind_cache_buffer, find_skip_merges, split_at_branch
+from fxcache.passes import SkipMerge, find_skip_merges, split_at_branch
 from fxcache.predicates import merge_site, module_path, tensor_meta
 
 __all__ = ["CachePlan", "CacheSpec", "plan", "plan_branches", "select_branch"]
@@ -37,31 +37,38 @@ class CacheSpec:
 
 @dataclass(frozen=True, eq=False)
 class CachePlan:
-    """What running DeepCache on one input signature needs, built once by :func:`plan`.
+    """What running DeepCache on one input signature needs, built once by :func:`plan`: two graphs whose cached
+    feature is an ordinary output of one and input of the other.
 
     Attributes:
-        full: ``full(*leaves)`` returns the model's flat outputs and writes the deep feature into ``cache``.
-        shallow: ``shallow(*leaves)`` returns the flat outputs computed from ``cache``.
-        cache: the buffer both graphs are bound to (registered on each as ``fxcache_cache``):
-            allocated once, before anything is compiled, so its address stays fixed (CUDA graphs).
-        cache_spec: its shape, dtype and device.
+        full: ``full(*leaves) -> (*outputs, *features)``: the model's flat outputs, then the feature(s) a shallow
+            step needs (one for a U-Net cut: the deep tensor entering the skip merge).
+        shallow: ``shallow(*leaves, *features) -> outputs``: the flat outputs computed from those features.
+        feature_specs: shape, dtype and device of each feature, in the order ``full`` returns them.
         merge: the skip merge the graph is cut at (nodes of ``captured.gm``).
         branch: the ``branch=`` that selected it; ``num_branches``: how many the model has.
         captured: the whole captured graph, its output structure and its parameter names.
         signature: the input signature the graphs are specialised on (``signature.spec`` is the
             input structure: ``(args, sorted kwargs)``).
+
+    Where a feature lives between the steps is a backend's choice (:mod:`fxcache.backends`): a buffer bound into
+    both graphs at a fixed address (eager, Inductor, CUDA graphs) or the tensor itself (an ahead-of-time package).
     """
 
     full: fx.GraphModule
     shallow: fx.GraphModule
-    cache: torch.Tensor
-    cache_spec: CacheSpec
+    feature_specs: tuple[CacheSpec, ...]
     merge: SkipMerge
     branch: int
     num_branches: int
     captured: Captured
     signature: Signature
     fx_sources: tuple[str, ...] = ()  # torch.fx's cached sources of the GraphModules made for this plan
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        """The spec of the (first) feature: what explain shows as the cache."""
+        return self.feature_specs[0]
 
     @property
     def cache_shape(self) -> tuple[int, ...]:
@@ -107,7 +114,8 @@ class CachePlan:
         adapter uses this to skip computing the others on shallow steps (ControlNet residuals of deeper skips).
         """
         placeholders = [n for n in self.shallow.graph.nodes if n.op == "placeholder"]
-        return tuple(i for i, n in enumerate(placeholders) if n.users)
+        leaves = placeholders[: len(placeholders) - len(self.feature_specs)]
+        return tuple(i for i, n in enumerate(leaves) if n.users)
 
     def flatten(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> list[Any]:
         """The leaves ``full`` and ``shallow`` take for a call ``model(*args, **kwargs)`` of this signature."""
@@ -160,15 +168,9 @@ def _build(captured: Captured, merges: list[SkipMerge], branch: int, signature: 
     merge = merges[branch]
     deep = tensor_meta(merge.deep)
     assert deep is not None, "a skip merge's deep input is always a tensor"
+    full, shallow = split_at_branch(captured.gm, merge)
     spec = CacheSpec(tuple(deep.shape), deep.dtype, deep.device)
-    # Allocated once per plan, before any compile, and never reallocated: its address is what
-    # CUDA graphs record.
-    # Never an inference tensor (a plan built under torch.inference_mode()): later full steps outside
-    # inference mode write it in place.
-    with torch.inference_mode(False):
-        cache = torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
-    full, shallow = bind_cache_buffer(*split_at_branch(captured.gm, merge), cache)
-    return CachePlan(full, shallow, cache, spec, merge, branch, len(merges), captured, signature)
+    return CachePlan(full, shallow, (spec,), merge, branch, len(merges), captured, signature)
 
 
 def plan(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None, *, branch: int = 0) -> CachePlan:
@@ -199,9 +201,9 @@ def plan(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None =
         >>> p.skip_from, p.merge_into, p.cache_shape, p.num_branches
         ('inp', 'out', (1, 8, 16, 16), 1)
         >>> leaves = p.flatten((x,))
-        >>> full = p.unflatten(p.full(*leaves))        # also writes the deep feature into p.cache
-        >>> shallow = p.unflatten(p.shallow(*leaves))  # reads it
-        >>> torch.equal(full, net(x)), torch.equal(shallow, full)
+        >>> *outputs, feature = p.full(*leaves)                     # the outputs, then the feature to cache
+        >>> shallow = p.unflatten(p.shallow(*leaves, feature))     # reads it
+        >>> torch.equal(p.unflatten(outputs), net(x)), torch.equal(shallow, net(x))
         (True, True)
     """
     if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:

@@ -23,11 +23,11 @@ import torch
 from fxcache import backends
 from fxcache.backends import Graphs
 from fxcache.capture import Signature, flatten_call
-from fxcache.compile import compile_options, dynamo_config
+from fxcache.compile import compile_options, dynamo_config, skip_frame
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
-from fxcache.gate import TRACING, forget_fx_sources
-from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
+from fxcache.gate import TRACING, forget_fx_sources, fx_sources
+from fxcache.generations import CacheState, Generation, Slot, acquire
 from fxcache.kept_programs import KeptPrograms
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
@@ -55,10 +55,15 @@ class _Entry:
     graphs: Graphs
     slot: Slot  # where the graphs read and write the deep feature, shared by the generations that run them
     ran: set[bool] = field(default_factory=set)  # which graphs have run once (full: True, shallow: False)
+    fx_sources: tuple[str, ...] = ()  # torch.fx's sources of GraphModules the backend made (a bound buffer's)
 
     @staticmethod
-    def of(plan: CachePlan, graphs: Graphs) -> _Entry:
-        return _Entry(plan, graphs, graphs.slot if graphs.slot is not None else BufferSlot(plan.cache))
+    def of(plan: CachePlan, graphs: Graphs, fx_sources: tuple[str, ...] = ()) -> _Entry:
+        return _Entry(plan, graphs, graphs.slot, fx_sources=fx_sources)
+
+    def forget_sources(self) -> None:
+        forget_fx_sources(self.fx_sources)
+        forget_fx_sources(self.plan.fx_sources)
 
 
 class _Call(NamedTuple):
@@ -84,7 +89,7 @@ _UNSET: Any = object()  # configure(): "this key was not given"
 
 # Each model's programs, kept past the module that built them (fxcache.kept_programs): a module made later for
 # the same model with the same settings (enable after disable, a second transform) reuses them.
-_KEPT: KeptPrograms[_Entry] = KeptPrograms(on_drop=lambda e: forget_fx_sources(e.plan.fx_sources))
+_KEPT: KeptPrograms[_Entry] = KeptPrograms(on_drop=_Entry.forget_sources)
 
 # What a program depends on besides the signature: the branch and the compile options.
 _Key = tuple[Signature, int, Hashable]
@@ -235,14 +240,6 @@ class _TimestepArg:
 _MODEL = "model."
 
 
-def _skip_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Dynamo skips ``fn``'s own frame and compiles the frames it calls, as ``torch._dynamo.disable(fn,
-    recursive=False)`` does, but without refusing to run while another thread exports a model (that wrapper
-    checks the process-wide exporting flag; fxcache's own gate makes a call wait for a capture instead)."""
-    skip = getattr(getattr(torch._dynamo, "decorators", None), "skip", None)
-    return skip(fn) if skip is not None else torch._dynamo.disable(fn, recursive=False)
-
-
 def _unprefix_state_dict(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     # Post-hook of CachedModule.state_dict: the wrapped model's keys as the model itself names them.
     inner = prefix + _MODEL
@@ -381,6 +378,17 @@ class CachedModule(torch.nn.Module):
         return types.MappingProxyType(self._plans.setdefault(self._config.branch, {}))
 
     @property
+    def slots(self) -> Mapping[Signature, Slot]:
+        """Where each plan's cached feature lives, by input signature, for the current branch and compile setting
+        (a snapshot): a :class:`~fxcache.generations.BufferSlot` (``.buffer``, bound into compiled graphs) or a
+        :class:`~fxcache.generations.CellSlot` (the tensors eager full steps returned). ``slot.contents()`` is the
+        feature of the generation that ran last on it.
+        """
+        with self._lock:
+            current = (self._config.branch, self._compile_key)
+            return types.MappingProxyType({k[0]: e.slot for k, e in self._entries.items() if k[1:] == current})
+
+    @property
     def cache_config(self) -> CacheConfig:
         """The settings in force (read-only; change them with :meth:`configure`).
 
@@ -498,6 +506,8 @@ class CachedModule(torch.nn.Module):
 
     def _drop_plans(self) -> None:
         # Every generation's cached feature came from these graphs: all start again (their next call is full).
+        for entry in self._entries.values():
+            self._forget_sources(entry)
         for by_signature in self._plans.values():
             for dropped in by_signature.values():
                 self._forget_sources(dropped)
@@ -513,6 +523,7 @@ class CachedModule(torch.nn.Module):
             key, entry = next(iter(self._entries.items()))
             if any(e.plan is entry.plan for k, e in self._entries.items() if k != key):
                 del self._entries[key]  # its plan serves another program (another compile setting): keep it
+                self._forget_sources(entry)
             else:
                 self._forget(key)
 
@@ -533,6 +544,8 @@ class CachedModule(torch.nn.Module):
         """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.gate)."""
         sig, branch, _ = key
         entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._forget_sources(entry)
         by_signature = self._plans.get(branch, {})
         dropped = entry.plan if entry is not None else by_signature.get(sig)
         if dropped is None:
@@ -541,9 +554,12 @@ class CachedModule(torch.nn.Module):
             del by_signature[sig]
         self._forget_sources(dropped)
 
-    def _forget_sources(self, dropped: CachePlan) -> None:
-        # A plan kept for later modules of this model keeps its sources until it is dropped there.
-        if not _KEPT.holds(self.model, lambda kept: kept.plan is dropped):
+    def _forget_sources(self, dropped: CachePlan | _Entry) -> None:
+        # A program kept for later modules of this model keeps its sources until it is dropped there.
+        if isinstance(dropped, _Entry):
+            if not _KEPT.holds(self.model, lambda kept: kept is dropped):
+                forget_fx_sources(dropped.fx_sources)
+        elif not _KEPT.holds(self.model, lambda kept: kept.plan is dropped):
             forget_fx_sources(dropped.fx_sources)
 
     def _flatten(self, args: tuple, kwargs: dict[str, Any]) -> _Call:
@@ -579,7 +595,9 @@ class CachedModule(torch.nn.Module):
                     _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
                     cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
                     by_signature[call.signature] = cache_plan
-                entry = self._entries[key] = _Entry.of(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+                with fx_sources() as made:  # a backend may make GraphModules of its own (a bound buffer)
+                    graphs = backends.for_spec(cache_plan, self._config.compile)
+                entry = self._entries[key] = _Entry.of(cache_plan, graphs, tuple(made))
                 if self._fingerprint is not None:
                     _KEPT.put(self.model, key, self._fingerprint, entry, self._config.max_plans)
                 self._evict()
@@ -688,19 +706,18 @@ class CachedModule(torch.nn.Module):
             # The next replay overwrites a CUDA graph's outputs: hand the caller its own copies.
             outputs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
         else:
-            # An output that is the cache buffer (a model returning its deep feature) would change
-            # under the caller at the next full step: hand out a copy of that one.
-            buffer = getattr(step.entry.plan, "cache", None)  # a loaded package keeps no buffer of its own
-            cache = buffer.untyped_storage().data_ptr() if buffer is not None else None
+            # An output that is the cached feature (a model returning its deep feature) would change under the
+            # caller at the next full step, or the caller's in-place edits would change the cache: copy that one.
+            held = {t.untyped_storage().data_ptr() for t in step.entry.slot.contents()}
             outputs = [
-                o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == cache else o
+                o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in held else o
                 for o in outputs
             ]
         return step.entry.plan.unflatten(outputs)
 
     # Skip this frame but not the frames it calls: under a user's torch.compile, the graphs below
     # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
-    @_skip_frame
+    @skip_frame
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         step = self._prepare(args, kwargs)  # holds the slot's lock
         graphs = step.entry.graphs

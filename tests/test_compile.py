@@ -69,13 +69,13 @@ def test_cache_buffer_is_static(no_recompiles) -> None:
     cached = fxcache.transform(model, branch=1, interval=2, compile=True)
     with torch.no_grad():
         cached(x, torch.full((2,), 900.0))
-        (plan,) = cached.plans.values()
-        buffer, ptr = plan.cache, plan.cache.data_ptr()
+        (slot,) = cached.slots.values()
+        buffer, ptr = slot.buffer, slot.buffer.data_ptr()
         written = buffer.clone()
         cached(x, torch.full((2,), 800.0))  # shallow: reads, does not write
         assert torch.equal(buffer, written)
         cached(x, torch.full((2,), 700.0))  # full: writes in place
-    assert plan.cache is buffer and buffer.data_ptr() == ptr, "the cache is one buffer, never reallocated"
+    assert slot.buffer is buffer and buffer.data_ptr() == ptr, "the cache is one buffer, never reallocated"
     assert not torch.equal(buffer, written), "the full step writes the new deep feature into the same buffer"
 
 

@@ -373,8 +373,8 @@ def test_output_never_aliases_the_cache() -> None:
         kept = deep.clone()
         cached(x, _t(1.0))  # full: rewrites the cache
     assert torch.equal(deep, kept), "a returned tensor must not change under the caller"
-    (p,) = cached.plans.values()
-    assert deep.untyped_storage().data_ptr() != p.cache.untyped_storage().data_ptr()
+    (slot,) = cached.slots.values()
+    assert all(deep.untyped_storage().data_ptr() != f.untyped_storage().data_ptr() for f in slot.contents())
 
 
 # -- 7. schedules ---------------------------------------------------------------------------------------

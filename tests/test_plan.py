@@ -23,19 +23,24 @@ def test_plan_holds_what_one_signature_needs(merge: str) -> None:
     x, t = models.plain_inputs()
     p = fxcache.plan(model, (x, t), branch=1)
     assert isinstance(p, fxcache.CachePlan) and (p.branch, p.num_branches) == (1, 3)
-    assert p.cache_spec == fxcache.CacheSpec((2, 8, 8, 8), torch.float32, torch.device("cpu"))
-    assert p.cache_shape == tuple(p.cache.shape) and p.kind == ("concat" if merge == "cat" else "add")
+    assert p.feature_specs == (fxcache.CacheSpec((2, 8, 8, 8), torch.float32, torch.device("cpu")),)
+    assert p.cache_spec == p.feature_specs[0] and p.kind == ("concat" if merge == "cat" else "add")
     assert (p.skip_from, p.merge_into) == ("down1.1", "up1"), "names as explain shows them"
-    assert getattr(p.full, CACHE_BUFFER) is p.cache and getattr(p.shallow, CACHE_BUFFER) is p.cache
-    assert "aten.copy_.default" in _targets(p.full), "the full graph writes the cache in place"
-    assert "aten.copy_.default" not in _targets(p.shallow), "the shallow graph only reads it"
+    for g in (p.full, p.shallow):
+        assert not any(n.op == "get_attr" and n.target == CACHE_BUFFER for n in g.graph.nodes), "no bound buffer"
+        assert "aten.copy_.default" not in _targets(g), "the feature is an output and an input, not written in place"
     n_inputs = [sum(n.op == "placeholder" for n in g.graph.nodes) for g in (p.full, p.shallow)]
-    assert n_inputs == [2, 2], f"both graphs take the call's leaves and nothing else, got {n_inputs}"
+    assert n_inputs == [2, 3], f"full takes the call's leaves, shallow the leaves and the feature; got {n_inputs}"
     leaves = p.flatten((x, t))
-    full = p.unflatten(p.full(*leaves))
+    *outputs, feature = p.full(*leaves)
+    full = p.unflatten(outputs)
+    assert feature.shape == p.cache_shape and feature.dtype == torch.float32
     assert torch.equal(full, model(x, t)), "the full graph equals the model"
-    assert torch.equal(p.unflatten(p.shallow(*leaves)), full), "the shallow graph on a fresh cache is exact"
-    assert eager(p) == (p.full, p.shallow, False, None)  # no cudagraphs; the slot is the plan's buffer
+    assert torch.equal(p.unflatten(p.shallow(*leaves, feature)), full), "the shallow graph on a fresh feature is exact"
+    graphs = eager(p)
+    assert torch.equal(p.unflatten(graphs.full(*leaves)), full)
+    assert torch.equal(graphs.slot.contents()[0], feature), "the eager backend keeps the feature the full graph returned"
+    assert torch.equal(p.unflatten(graphs.shallow(*leaves)), full) and not graphs.cudagraphs
     assert "branch=1 of 3" in repr(p)
 
 
@@ -73,7 +78,9 @@ def test_the_runtime_runs_plans() -> None:
     cached(x, t)
     (p,) = cached.plans.values()
     assert p.branch == 2 and p.cache_spec == fxcache.plan(model, (x, t), branch=2).cache_spec
-    assert p.cache.abs().sum() > 0, "the full step the runtime ran wrote this plan's cache"
+    (slot,) = cached.slots.values()
+    (feature,) = slot.contents()
+    assert feature.shape == p.cache_shape and feature.abs().sum() > 0, "the full step the runtime ran left its feature"
 
 
 def test_plan_errors() -> None:
