@@ -26,7 +26,8 @@ from fxcache.capture import Signature, flatten_call
 from fxcache.compile import compile_options, dynamo_config
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
-from fxcache.gate import TRACING, forget_fx_sources
+from fxcache.fx_source_cache import forget_fx_sources
+from fxcache.gate import TRACING
 from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
@@ -524,7 +525,7 @@ class CachedModule(torch.nn.Module):
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
     def _forget(self, key: _Key) -> None:
-        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.gate)."""
+        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.fx_source_cache)."""
         sig, branch, _ = key
         entry = self._entries.pop(key, None)
         by_signature = self._plans.get(branch, {})
