@@ -28,7 +28,7 @@ from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
 from fxcache.fx_source_cache import forget_fx_sources
 from fxcache.gate import TRACING
-from fxcache.generations import BufferSlot, CacheState, Generation, Slot, acquire
+from fxcache.generations import BufferSlot, CacheState, Generation, Slot
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
 
@@ -503,7 +503,7 @@ class CachedModule(torch.nn.Module):
     def _evict(self) -> None:
         """Drop the least recently used programs beyond ``max_plans`` (and their plans, when no program is left
         using them). A generation whose feature was in an evicted slot keeps it: its next shallow step copies it
-        into the rebuilt plan's slot (:func:`fxcache.generations.acquire`)."""
+        into the rebuilt plan's slot (:meth:`fxcache.generations.Slot.held`)."""
         while len(self._entries) > self._config.max_plans:
             key, entry = next(iter(self._entries.items()))
             if any(e.plan is entry.plan for k, e in self._entries.items() if k != key):
@@ -622,7 +622,7 @@ class CachedModule(torch.nn.Module):
 
     @torch._dynamo.disable
     def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> _Step:
-        """Decide the step and find its graphs; returns holding the slot's lock (``forward`` releases it)."""
+        """Decide the step and find its graphs (``forward`` then holds their slot while they run)."""
         call = self._flatten(args, kwargs)
         st = self.fxcache_state
         try:
@@ -631,7 +631,6 @@ class CachedModule(torch.nn.Module):
                 self._check_model()
                 st.epoch = self._epoch
             entry, call, key = self._entry(args, kwargs, call)
-            acquire(entry.slot, st, full)
         except BaseException:
             st.reset()  # nothing ran: the next call starts afresh
             raise
@@ -642,9 +641,12 @@ class CachedModule(torch.nn.Module):
         else:
             st.shallow_steps += 1
             st.generation_shallow_steps += 1
-        if entry.graphs.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
         return _Step(entry, call.leaves, full, call.signature, key, st)
+
+    @staticmethod
+    @torch._dynamo.disable
+    def _mark_cudagraph_step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
 
     @torch._dynamo.disable
     def _first_call_failed(self, step: _Step, error: Exception) -> None:
@@ -684,18 +686,19 @@ class CachedModule(torch.nn.Module):
     # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
     @_skip_frame
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        step = self._prepare(args, kwargs)  # holds the slot's lock
+        step = self._prepare(args, kwargs)
         graphs = step.entry.graphs
         graph = graphs.full if step.full else graphs.shallow
-        try:
-            with TRACING.shared():  # no capture in another thread while the graph runs (fxcache.gate)
-                outputs = graph(*step.leaves)
-                return self._finish(step, outputs)  # under the lock: CUDA graph outputs are copied before a replay
-        except Exception as exc:
-            if step.full in step.entry.ran:  # not its first call, where it compiles
-                raise
-            failed = exc
-        finally:
-            step.entry.slot.lock.release()
+        with step.entry.slot.held(step.state, step.full):  # one call at a time per slot (fxcache.generations)
+            try:
+                with TRACING.shared():  # no capture in another thread while the graph runs (fxcache.gate)
+                    if graphs.cudagraphs:
+                        self._mark_cudagraph_step()
+                    outputs = graph(*step.leaves)
+                    return self._finish(step, outputs)  # in the slot: CUDA graph outputs are copied before a replay
+            except Exception as exc:
+                if step.full in step.entry.ran:  # not its first call, where it compiles
+                    raise
+                failed = exc
         self._first_call_failed(step, failed)  # outside the locks: it takes the module's
         raise failed
