@@ -61,6 +61,53 @@ class _Entry:
         return _Entry(plan, graphs, graphs.slot if graphs.slot is not None else BufferSlot(plan.cache))
 
 
+class _ProgramTable:
+    """The programs a module keeps, by key, least recently used first.
+
+    Every access takes the table's own lock, held for that one operation only (never while a program is built
+    or runs), so a call whose program exists never waits for another thread's capture. Programs are added and
+    removed only under the module's lock (one thread builds or drops at a time); a call's lookup only reorders.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def values(self) -> list[_Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def get(self, key: _Key) -> _Entry | None:
+        """The program for ``key``, now the most recently used; None if there is none."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def add(self, key: _Key, entry: _Entry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+
+    def pop(self, key: _Key) -> _Entry | None:
+        with self._lock:
+            return self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def oldest(self) -> tuple[_Key, bool]:
+        """The least recently used key, and whether its plan also serves another program (another compile key)."""
+        with self._lock:
+            key, entry = next(iter(self._entries.items()))
+            return key, any(e.plan is entry.plan for k, e in self._entries.items() if k != key)
+
+
 class _Call(NamedTuple):
     """A call as the graphs take it: the arguments (timestep lifted to a tensor), leaves, signature."""
 
@@ -298,7 +345,7 @@ class CachedModule(torch.nn.Module):
     def _init_shared_state(self) -> None:
         # What every generation shares (plans, graphs), and where each finds its own state (fxcache.generations).
         self._plans: dict[int, dict[Signature, CachePlan]] = {}  # branch -> signature -> plan
-        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()  # what runs, least recently used first
+        self._entries = _ProgramTable()  # what runs, least recently used first
         self._fingerprint: Hashable | None = None  # the model as the graphs saw it (fxcache.watch)
         self._epoch = 0  # bumped when graphs or settings change under running generations: they start again
         self._lock = threading.RLock()  # held while plans and graphs are built, checked or dropped
@@ -505,9 +552,9 @@ class CachedModule(torch.nn.Module):
         using them). A generation whose feature was in an evicted slot keeps it: its next shallow step copies it
         into the rebuilt plan's slot (:meth:`fxcache.generations.Slot.held`)."""
         while len(self._entries) > self._config.max_plans:
-            key, entry = next(iter(self._entries.items()))
-            if any(e.plan is entry.plan for k, e in self._entries.items() if k != key):
-                del self._entries[key]  # its plan serves another program (another compile setting): keep it
+            key, shared = self._entries.oldest()
+            if shared:
+                self._entries.pop(key)  # its plan serves another program (another compile setting): keep it
             else:
                 self._forget(key)
 
@@ -527,7 +574,7 @@ class CachedModule(torch.nn.Module):
     def _forget(self, key: _Key) -> None:
         """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.fx_source_cache)."""
         sig, branch, _ = key
-        entry = self._entries.pop(key, None)
+        entry = self._entries.pop(key)
         by_signature = self._plans.get(branch, {})
         dropped = entry.plan if entry is not None else by_signature.get(sig)
         if dropped is None:
@@ -546,11 +593,7 @@ class CachedModule(torch.nn.Module):
         """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
         key = (call.signature, self._config.branch, self._compile_key)
         entry = self._entries.get(key)
-        if entry is not None:
-            try:
-                self._entries.move_to_end(key)  # recently used
-            except KeyError:  # dropped by another thread meanwhile: this call still runs it
-                pass
+        if entry is not None:  # evicted by another thread before it runs, it still runs (on its own slot)
             return entry, call, key
         try:
             with self._lock:  # one thread builds; the others wait for it and reuse what it built
@@ -563,7 +606,8 @@ class CachedModule(torch.nn.Module):
                     _warn_if_number_changed(call.signature, [s for plans in self._plans.values() for s in plans])
                     cache_plan = plan(self.model, call.args, call.kwargs, branch=self._config.branch)
                     by_signature[call.signature] = cache_plan
-                entry = self._entries[key] = _Entry.of(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+                entry = _Entry.of(cache_plan, backends.for_spec(cache_plan, self._config.compile))
+                self._entries.add(key, entry)
                 self._evict()
         except CaptureError as exc:
             if call.lifted:
