@@ -32,7 +32,7 @@ import torch
 
 from fxcache.capture import Signature
 
-__all__ = ["BufferSlot", "CacheState", "CellSlot", "Generation", "Slot"]
+__all__ = ["BufferSlot", "CacheState", "CellSlot", "Decision", "Generation", "Slot"]
 
 
 class Slot:
@@ -148,6 +148,16 @@ class CellSlot(Slot):
         self.cell[0] = feature
 
 
+@dataclass
+class Decision:
+    """A step decision taken ahead of its call (by the diffusers adapter's ControlNet hook); the call consumes it."""
+
+    new_generation: bool
+    full: bool
+    signature: object  # the input signature the call is expected to have (its cached feature's), or a stand-in
+    pruned: bool = False  # the caller skipped inputs only a full step reads: the call must be shallow
+
+
 @dataclass(eq=False)
 class CacheState:
     """One generation's state: the step counters and where its deep feature is. ``reset()`` starts a new one."""
@@ -165,7 +175,7 @@ class CacheState:
     slot: Slot | None = None  # the slot the feature was last written to or loaded into
     saved: torch.Tensor | None = None  # a private copy, made when another generation took the slot
     saved_current: bool = False  # whether ``saved`` holds the feature (the slot may hold it too)
-    ahead: Any = None  # a decision taken ahead of the call (the ControlNet hook of the diffusers adapter)
+    ahead: Decision | None = None  # a decision taken ahead of the next call
 
     def reset(self) -> None:
         self.step, self.last_timestep, self.signature = -1, None, None
