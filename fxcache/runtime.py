@@ -572,7 +572,8 @@ class CachedModule(torch.nn.Module):
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
     def _forget(self, key: _Key) -> None:
-        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.fx_source_cache)."""
+        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made
+        (:mod:`fxcache.fx_source_cache`)."""
         sig, branch, _ = key
         entry = self._entries.pop(key)
         by_signature = self._plans.get(branch, {})
@@ -593,7 +594,7 @@ class CachedModule(torch.nn.Module):
         """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
         key = (call.signature, self._config.branch, self._compile_key)
         entry = self._entries.get(key)
-        if entry is not None:  # evicted by another thread before it runs, it still runs (on its own slot)
+        if entry is not None:  # if another thread evicts it before it runs, it still runs (its slot goes with it)
             return entry, call, key
         try:
             with self._lock:  # one thread builds; the others wait for it and reuse what it built
