@@ -213,11 +213,11 @@ def one_intra_op_thread() -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_intra_op_thread")
 def test_eight_threads_eight_shapes_two_plans_get_their_solo_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Eight threads, each running 20 generations of 10 steps on its own input shape, share a module that keeps
+    # Eight threads, each running 16 generations of 10 steps on its own input shape, share a module that keeps
     # two programs: plans are evicted and captured again under running generations, all the time.
     model = models.TinyUNet().eval()
     shapes = [(batch, size) for batch in (1, 2) for size in (4, 6, 8, 10)]
-    generations = 20
+    generations = 16
 
     def run(cached: torch.nn.Module, i: int) -> list[tuple[torch.Tensor, int, int]]:
         batch, size = shapes[i]
