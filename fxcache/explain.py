@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fxcache.gate import forget_fx_sources, fx_sources
+from fxcache.fx_source_cache import forget_fx_sources, fx_sources
 from fxcache.plan import no_skip_message, plan_branches
 
 __all__ = ["Branch", "BranchTable", "explain", "ideal_speedup"]

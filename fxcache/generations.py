@@ -16,7 +16,8 @@ step writes the slot and its shallow steps read it. When another generation take
 is first copied to a private tensor of the owner's (:attr:`CacheState.saved`), and a shallow step of a
 generation whose feature is not in the slot copies it back in first. So interleaved generations pay one
 device-side copy per switch (no host sync), and one generation pays nothing. Calls on one slot run one at a time
-(``Slot.lock``, held while the graph runs); calls on different plans (other shapes) do not wait for each other.
+(``with slot.held(state, full):`` around the graph run); calls on different plans (other shapes) do not wait for
+each other.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import contextvars
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +34,65 @@ import torch
 
 from fxcache.capture import Signature
 
-__all__ = ["BufferSlot", "CacheState", "CellSlot", "Generation", "Slot", "acquire"]
+__all__ = ["BufferSlot", "CacheState", "CellSlot", "Decision", "Generation", "Slot"]
 
 
 class Slot:
     """Where one plan's graphs read and write the deep feature; shared by every generation that runs the plan.
 
-    ``lock`` is held from just before a graph runs until it returned; ``owner`` is a weak reference to the
+    ``lock`` is held while a step runs on the slot (:meth:`held`); ``owner`` is a weak reference to the
     :class:`CacheState` whose feature the slot holds (or None).
+
+    Example:
+        >>> slot, a, b = BufferSlot(torch.zeros(1)), CacheState(), CacheState()
+        >>> with slot.held(a, full=True):    # a's full step writes its feature
+        ...     _ = slot.buffer.fill_(1.0)
+        >>> with slot.held(b, full=True):    # b takes the slot: a's feature is kept aside first
+        ...     _ = slot.buffer.fill_(2.0)
+        >>> with slot.held(a, full=False):   # a's shallow step gets its own feature back
+        ...     read = slot.buffer.clone()
+        >>> read, slot.lock.locked()
+        (tensor([1.]), False)
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: weakref.ref[CacheState] | None = None
+
+    @contextmanager
+    def held(self, st: CacheState, full: bool) -> Iterator[None]:
+        """Hold the slot for one step of ``st``'s generation: the block runs with :attr:`lock` held and the slot
+        ready for the step; leaving the block (returning or raising) releases it.
+
+        A full step will write the slot; a shallow step reads it, so it must hold ``st``'s feature. A generation
+        whose feature sits in another slot (its plan was evicted and built again) brings it home first.
+        """
+        old = st.slot
+        if not full and old is not None and old is not self and not st.saved_current:
+            with old.lock:
+                _write_back(old, st)
+        with self.lock:
+            self._take(st, full)
+            yield
+
+    def _take(self, st: CacheState, full: bool) -> None:
+        # Under the lock: make the slot ``st``'s, keeping its previous owner's feature in that owner's ``saved``.
+        owner = self.owner() if self.owner is not None else None
+        if owner is not st:
+            if owner is not None:
+                _write_back(self, owner)
+            if not full:
+                if not st.saved_current or st.saved is None:
+                    st.reset()  # nothing ran: the next call starts afresh
+                    raise RuntimeError(
+                        "fxcache: a shallow step found no cached feature for its generation (an internal error: "
+                        "please report it); call reset() and run the generation again"
+                    )
+                self.load(st.saved)
+            self.owner = weakref.ref(st)
+        st.slot = self
+        if full:
+            st.saved_current = False  # the slot is about to hold a newer feature
 
     def save(self, into: torch.Tensor | None) -> torch.Tensor:
         """A tensor that holds the slot's feature and that later calls will not change (``into`` reused if given)."""
@@ -112,6 +161,16 @@ class CellSlot(Slot):
         return tuple(held) if isinstance(held, (tuple, list)) else () if held is None else (held,)
 
 
+@dataclass
+class Decision:
+    """A step decision taken ahead of its call (by the diffusers adapter's ControlNet hook); the call consumes it."""
+
+    new_generation: bool
+    full: bool
+    signature: object  # the input signature the call is expected to have (its cached feature's), or a stand-in
+    pruned: bool = False  # the caller skipped inputs only a full step reads: the call must be shallow
+
+
 @dataclass(eq=False)
 class CacheState:
     """One generation's state: the step counters and where its deep feature is. ``reset()`` starts a new one."""
@@ -129,7 +188,7 @@ class CacheState:
     slot: Slot | None = None  # the slot the feature was last written to or loaded into
     saved: torch.Tensor | None = None  # a private copy, made when another generation took the slot
     saved_current: bool = False  # whether ``saved`` holds the feature (the slot may hold it too)
-    ahead: Any = None  # a decision taken ahead of the call (the ControlNet hook of the diffusers adapter)
+    ahead: Decision | None = None  # a decision taken ahead of the next call
 
     def reset(self) -> None:
         self.step, self.last_timestep, self.signature = -1, None, None
@@ -143,39 +202,6 @@ def _write_back(slot: Slot, st: CacheState) -> None:
     if st.slot is slot and not st.saved_current:
         st.saved = slot.save(st.saved)
         st.saved_current = True
-
-
-def acquire(slot: Slot, st: CacheState, full: bool) -> None:
-    """Make ``slot`` ready for a step of ``st``'s generation; returns with ``slot.lock`` held (release it after
-    the graph ran).
-
-    A full step will write the slot; a shallow step reads it, so it must hold ``st``'s feature. A generation
-    whose feature sits in another slot (its plan was evicted and built again) brings it home first.
-    """
-    old = st.slot
-    if not full and old is not None and old is not slot and not st.saved_current:
-        with old.lock:
-            _write_back(old, st)
-    slot.lock.acquire()
-    try:
-        owner = slot.owner() if slot.owner is not None else None
-        if owner is not st:
-            if owner is not None:
-                _write_back(slot, owner)
-            if not full:
-                if not st.saved_current or st.saved is None:
-                    raise RuntimeError(
-                        "fxcache: a shallow step found no cached feature for its generation (an internal error: "
-                        "please report it); call reset() and run the generation again"
-                    )
-                slot.load(st.saved)
-            slot.owner = weakref.ref(st)
-        st.slot = slot
-        if full:
-            st.saved_current = False  # the slot is about to hold a newer feature
-    except BaseException:
-        slot.lock.release()
-        raise
 
 
 class Generation:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
-from fxcache.gate import fx_sources
+from fxcache.fx_source_cache import fx_sources
 from fxcache.passes import SkipMerge, find_skip_merges, split_at_branch
 from fxcache.predicates import merge_site, module_path, tensor_meta
 

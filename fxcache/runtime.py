@@ -26,8 +26,9 @@ from fxcache.capture import Signature, flatten_call
 from fxcache.compile import compile_options, dynamo_config, skip_frame
 from fxcache.config import CacheConfig, check_total_steps
 from fxcache.errors import CaptureError, add_note
-from fxcache.gate import TRACING, forget_fx_sources, fx_sources
-from fxcache.generations import CacheState, Generation, Slot, acquire
+from fxcache.fx_source_cache import forget_fx_sources, fx_sources
+from fxcache.gate import TRACING
+from fxcache.generations import CacheState, Generation, Slot
 from fxcache.kept_programs import KeptPrograms
 from fxcache.plan import CachePlan, plan
 from fxcache.watch import fingerprint
@@ -64,6 +65,57 @@ class _Entry:
     def forget_sources(self) -> None:
         forget_fx_sources(self.fx_sources)
         forget_fx_sources(self.plan.fx_sources)
+
+
+class _ProgramTable:
+    """The programs a module keeps, by key, least recently used first.
+
+    Every access takes the table's own lock, held for that one operation only (never while a program is built
+    or runs), so a call whose program exists never waits for another thread's capture. Programs are added and
+    removed only under the module's lock (one thread builds or drops at a time); a call's lookup only reorders.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def values(self) -> list[_Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def items(self) -> list[tuple[_Key, _Entry]]:
+        with self._lock:
+            return list(self._entries.items())
+
+    def get(self, key: _Key) -> _Entry | None:
+        """The program for ``key``, now the most recently used; None if there is none."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def add(self, key: _Key, entry: _Entry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+
+    def pop(self, key: _Key) -> _Entry | None:
+        with self._lock:
+            return self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def oldest(self) -> tuple[_Key, bool]:
+        """The least recently used key, and whether its plan also serves another program (another compile key)."""
+        with self._lock:
+            key, entry = next(iter(self._entries.items()))
+            return key, any(e.plan is entry.plan for k, e in self._entries.items() if k != key)
 
 
 class _Call(NamedTuple):
@@ -299,7 +351,7 @@ class CachedModule(torch.nn.Module):
     def _init_shared_state(self) -> None:
         # What every generation shares (plans, graphs), and where each finds its own state (fxcache.generations).
         self._plans: dict[int, dict[Signature, CachePlan]] = {}  # branch -> signature -> plan
-        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()  # what runs, least recently used first
+        self._entries = _ProgramTable()  # what runs, least recently used first
         self._fingerprint: Hashable | None = None  # the model as the graphs saw it (fxcache.watch)
         self._epoch = 0  # bumped when graphs or settings change under running generations: they start again
         self._lock = threading.RLock()  # held while plans and graphs are built, checked or dropped
@@ -518,12 +570,13 @@ class CachedModule(torch.nn.Module):
     def _evict(self) -> None:
         """Drop the least recently used programs beyond ``max_plans`` (and their plans, when no program is left
         using them). A generation whose feature was in an evicted slot keeps it: its next shallow step copies it
-        into the rebuilt plan's slot (:func:`fxcache.generations.acquire`)."""
+        into the rebuilt plan's slot (:meth:`fxcache.generations.Slot.held`)."""
         while len(self._entries) > self._config.max_plans:
-            key, entry = next(iter(self._entries.items()))
-            if any(e.plan is entry.plan for k, e in self._entries.items() if k != key):
-                del self._entries[key]  # its plan serves another program (another compile setting): keep it
-                self._forget_sources(entry)
+            key, shared = self._entries.oldest()
+            if shared:
+                entry = self._entries.pop(key)  # its plan serves another program (another compile setting): keep it
+                if entry is not None:
+                    self._forget_sources(entry)
             else:
                 self._forget(key)
 
@@ -541,9 +594,10 @@ class CachedModule(torch.nn.Module):
         """Called when capturing or compiling fails, before the error propagates; subclasses undo their setup."""
 
     def _forget(self, key: _Key) -> None:
-        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made (fxcache.gate)."""
+        """Drop the program for ``key`` and its plan, with the torch.fx sources the plan made
+        (:mod:`fxcache.fx_source_cache`)."""
         sig, branch, _ = key
-        entry = self._entries.pop(key, None)
+        entry = self._entries.pop(key)
         if entry is not None:
             self._forget_sources(entry)
         by_signature = self._plans.get(branch, {})
@@ -572,11 +626,7 @@ class CachedModule(torch.nn.Module):
         """The plan and callables for this call, built at the first call of each (signature, branch, compile)."""
         key = (call.signature, self._config.branch, self._compile_key)
         entry = self._entries.get(key)
-        if entry is not None:
-            try:
-                self._entries.move_to_end(key)  # recently used
-            except KeyError:  # dropped by another thread meanwhile: this call still runs it
-                pass
+        if entry is not None:  # if another thread evicts it before it runs, it still runs (its slot goes with it)
             return entry, call, key
         try:
             with self._lock:  # one thread builds; the others wait for it and reuse what it built
@@ -588,7 +638,7 @@ class CachedModule(torch.nn.Module):
                 kept = _KEPT.get(self.model, key, self._fingerprint) if self._fingerprint is not None else None
                 if kept is not None and cache_plan in (None, kept.plan):  # built by an earlier module of this model
                     by_signature[call.signature] = kept.plan
-                    self._entries[key] = kept
+                    self._entries.add(key, kept)
                     self._evict()
                     return kept, call, key
                 if cache_plan is None:
@@ -597,7 +647,8 @@ class CachedModule(torch.nn.Module):
                     by_signature[call.signature] = cache_plan
                 with fx_sources() as made:  # a backend may make GraphModules of its own (a bound buffer)
                     graphs = backends.for_spec(cache_plan, self._config.compile)
-                entry = self._entries[key] = _Entry.of(cache_plan, graphs, tuple(made))
+                entry = _Entry.of(cache_plan, graphs, tuple(made))
+                self._entries.add(key, entry)
                 if self._fingerprint is not None:
                     _KEPT.put(self.model, key, self._fingerprint, entry, self._config.max_plans)
                 self._evict()
@@ -658,7 +709,7 @@ class CachedModule(torch.nn.Module):
 
     @torch._dynamo.disable
     def _prepare(self, args: tuple, kwargs: dict[str, Any]) -> _Step:
-        """Decide the step and find its graphs; returns holding the slot's lock (``forward`` releases it)."""
+        """Decide the step and find its graphs (``forward`` then holds their slot while they run)."""
         call = self._flatten(args, kwargs)
         st = self.fxcache_state
         try:
@@ -667,7 +718,6 @@ class CachedModule(torch.nn.Module):
                 self._check_model()
                 st.epoch = self._epoch
             entry, call, key = self._entry(args, kwargs, call)
-            acquire(entry.slot, st, full)
         except BaseException:
             st.reset()  # nothing ran: the next call starts afresh
             raise
@@ -678,9 +728,12 @@ class CachedModule(torch.nn.Module):
         else:
             st.shallow_steps += 1
             st.generation_shallow_steps += 1
-        if entry.graphs.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
         return _Step(entry, call.leaves, full, call.signature, key, st)
+
+    @staticmethod
+    @torch._dynamo.disable
+    def _mark_cudagraph_step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # each step is one iteration of the loop
 
     @torch._dynamo.disable
     def _first_call_failed(self, step: _Step, error: Exception) -> None:
@@ -719,18 +772,19 @@ class CachedModule(torch.nn.Module):
     # are compiled, while the step logic (in the disabled helpers) runs as plain Python.
     @skip_frame
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        step = self._prepare(args, kwargs)  # holds the slot's lock
+        step = self._prepare(args, kwargs)
         graphs = step.entry.graphs
         graph = graphs.full if step.full else graphs.shallow
-        try:
-            with TRACING.shared():  # no capture in another thread while the graph runs (fxcache.gate)
-                outputs = graph(*step.leaves)
-                return self._finish(step, outputs)  # under the lock: CUDA graph outputs are copied before a replay
-        except Exception as exc:
-            if step.full in step.entry.ran:  # not its first call, where it compiles
-                raise
-            failed = exc
-        finally:
-            step.entry.slot.lock.release()
+        with step.entry.slot.held(step.state, step.full):  # one call at a time per slot (fxcache.generations)
+            try:
+                with TRACING.shared():  # no capture in another thread while the graph runs (fxcache.gate)
+                    if graphs.cudagraphs:
+                        self._mark_cudagraph_step()
+                    outputs = graph(*step.leaves)
+                    return self._finish(step, outputs)  # in the slot: CUDA graph outputs are copied before a replay
+            except Exception as exc:
+                if step.full in step.entry.ran:  # not its first call, where it compiles
+                    raise
+                failed = exc
         self._first_call_failed(step, failed)  # outside the locks: it takes the module's
         raise failed

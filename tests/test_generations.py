@@ -7,10 +7,11 @@ Weights, plans and compiled graphs are shared; the step state and the cached fea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -197,6 +198,73 @@ def test_the_plan_limit_evicts_and_recaptures_with_exact_results() -> None:
     assert [g.state.generation_full_steps for g in generations] == [4, 4, 4], "eviction forced no extra full step"
     cached.drop_graphs()
     assert len(cached.plans) == 0 and len(cached._entries) == 0
+
+
+@pytest.fixture
+def one_intra_op_thread() -> Iterator[None]:
+    # Eight Python threads each running torch's intra-op threads on a small CPU mostly wait on each other
+    # (on 2 cores the stress test below takes 47 s with 2 intra-op threads, 18 s with 1).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_eight_threads_eight_shapes_two_plans_get_their_solo_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eight threads, each running 16 generations of 10 steps on its own input shape, share a module that keeps
+    # two programs: plans are evicted and captured again under running generations, all the time.
+    model = models.TinyUNet().eval()
+    shapes = [(batch, size) for batch in (1, 2) for size in (4, 6, 8, 10)]
+    generations = 16
+
+    def run(cached: torch.nn.Module, i: int) -> list[tuple[torch.Tensor, int, int]]:
+        batch, size = shapes[i]
+        seeds = torch.Generator().manual_seed(i)
+        results = []
+        for g in range(generations):
+            x = torch.randn(batch, 3, size, size, generator=seeds)
+            generation = cached.generation() if i % 2 else contextlib.nullcontext()  # half on the thread's state
+            with generation:
+                x = _denoise(cached, x)
+                st = cached.fxcache_state
+                results.append((x, st.generation_full_steps, st.generation_shallow_steps))
+        return results
+
+    solo_module = fxcache.transform(model, branch=0, interval=3)
+    solo = [run(solo_module, i) for i in range(len(shapes))]
+    captures: list[tuple] = []
+
+    def counted_plan(*args, **kwargs):
+        captures.append(args)
+        return fxcache.plan(*args, **kwargs)
+
+    monkeypatch.setattr("fxcache.runtime.plan", counted_plan)
+    cached = fxcache.transform(model, branch=0, interval=3, max_plans=2)
+    results: list[list[tuple[torch.Tensor, int, int]] | BaseException | None] = [None] * len(shapes)
+
+    def work(i: int) -> None:
+        try:
+            results[i] = run(cached, i)
+        except BaseException as exc:  # reported by the main thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(shapes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    for i, (got, want) in enumerate(zip(results, solo, strict=True)):
+        assert got is not None and not isinstance(got, BaseException)
+        for g, ((x, full, shallow), (x_solo, full_solo, shallow_solo)) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(x, x_solo), f"thread {i} ({shapes[i]}), generation {g}: differs from its solo run"
+            assert (full, shallow) == (full_solo, shallow_solo) == (4, 6), f"thread {i}, generation {g}: steps"
+    assert len(cached._entries) <= 2 and len(cached.plans) <= 2, "at most max_plans programs are kept"
+    assert len(captures) > len(shapes), "plans were evicted and captured again while the threads ran"
 
 
 def test_max_plans_is_validated_and_configurable() -> None:

@@ -17,6 +17,7 @@ from fxcache.adapters import controlnet as _controlnet
 from fxcache.compile import CompileSpec
 from fxcache.config import CacheConfig
 from fxcache.errors import add_note
+from fxcache.generations import Decision
 from fxcache.plan import CachePlan
 from fxcache.runtime import CachedModule, StepInfo
 from fxcache.schedule import ScheduleLike
@@ -91,21 +92,21 @@ class _PipelineUNet(CachedModule):
         For a module called right before this one with the same timestep (a ControlNet). The next call
         consumes the decision. Returns it, with the plan whose shallow graph a shallow step will run.
         Deciding again before that call drops the earlier decision (its call never came). The decision is
-        kept in the generation's state (``fxcache_state.ahead``: [new generation, full, predicted signature,
-        pruned]), so threads sharing the module keep theirs apart.
+        kept in the generation's state (``fxcache_state.ahead``, a :class:`~fxcache.generations.Decision`), so
+        threads sharing the module keep theirs apart.
         """
         st = self.fxcache_state
         st.ahead = None
         predicted = st.signature if st.signature is not None else _UNKNOWN
         new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
-        st.ahead = [new_generation, full, predicted, False]
+        st.ahead = Decision(new_generation, full, predicted)
         return full, (None if full else self.plans.get(predicted))
 
     def ahead_pruned(self) -> None:
         """The caller of :meth:`decide_ahead` skipped inputs only a full step reads: the next call must be shallow."""
         ahead = self.fxcache_state.ahead
         if ahead is not None:
-            ahead[3] = True
+            ahead.pruned = True
 
     def drop_ahead(self) -> None:
         self.fxcache_state.ahead = None
@@ -115,11 +116,10 @@ class _PipelineUNet(CachedModule):
         ahead, st.ahead = st.ahead, None
         if ahead is None:
             return super()._decide(sig, args, kwargs)
-        new_generation, full, predicted, pruned = ahead
-        if sig == predicted:
-            return new_generation, full
+        if sig == ahead.signature:
+            return ahead.new_generation, ahead.full
         # The inputs' signature differs from the cached feature's: this is a new generation, a full step.
-        if not full and pruned:
+        if not ahead.full and ahead.pruned:
             st.reset()
             raise RuntimeError(
                 "fxcache: the ControlNet ran pruned for a shallow U-Net step, but the U-Net's inputs no longer "
