@@ -177,8 +177,11 @@ def _aot_files(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> lis
 
 
 def _plan_for(cached: CachedModule, args: tuple, kwargs: dict[str, Any]) -> tuple[CachePlan, tuple, dict, bool]:
-    """The plan for this call (the module's own if it has one), the call as captured, and whether the
-    timestep was lifted to a tensor (as the runtime does, so one package serves every step)."""
+    """The plan for this call (the module's own if it has one for the model as it is now), the call as captured,
+    and whether the timestep was lifted to a tensor (as the runtime does, so one package serves every step)."""
+    # The model check a generation start makes: plans captured before the model changed (parameters replaced,
+    # load_state_dict(..., assign=True), a submodule swapped, hooks) are dropped, so a stale one is never packaged.
+    cached._check_model()
     lifted = cached._timestep.lift(args, kwargs)
     attempts = [(lifted, True)] if lifted is not None else []
     attempts.append(((args, kwargs), False))
@@ -204,7 +207,10 @@ def export(
     dtypes, device, constant arguments): C++ kernels for CPU inputs, CUDA kernels for CUDA inputs. The
     package also holds the weights (once), the branch, the schedule (``interval``/``schedule``,
     ``total_steps``) and the input and output structure, so :func:`fxcache.load` runs it without the
-    model's code. ``cached`` and its model are not modified; the inputs are only traced, not run.
+    model's code. The package is built from the model as it is now: a plan ``cached`` captured before the
+    model changed (replaced parameters, swapped submodules, hooks: what a generation start checks) is
+    dropped, as its next generation would drop it, and captured again. Otherwise ``cached`` and its model
+    are not modified; the inputs are only traced, not run.
     This takes a while: about 15 s per graph for a tiny U-Net on 2 CPU cores, minutes for SD1.5.
 
     Args:

@@ -39,11 +39,20 @@ def _generation(model, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, torch.Tensor]:
+    """The package every test shares. Before exporting, the module has run (it holds a plan) and then the model's
+    parameters were replaced (``load_state_dict(..., assign=True)``): the package must hold the *new* weights
+    (issue 26 item 3; ``test_export_follows_replaced_weights``), which every test below compares against."""
     torch.manual_seed(0)
     unet = PlainUNet().eval()
     x = torch.randn(BATCH, 3, SIZE, SIZE)
+    t = torch.full((BATCH,), 999.0)
     cached = fxcache.transform(unet, branch=1, interval=INTERVAL)
-    path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, torch.full((BATCH,), 999.0)))
+    with torch.no_grad():
+        cached(x, t)  # a plan for this signature, captured with the first weights
+    old = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict({k: torch.randn_like(v) * 0.3 for k, v in old.items()}, assign=True)
+    path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, t))
+    unet.old_state = old  # for test_export_follows_replaced_weights
     return path, unet, x
 
 
@@ -108,6 +117,22 @@ for name in ("diffusers", "tests.models", "tests"):
     for i, (a, b) in enumerate(zip(got["outs"], want, strict=True)):
         rel = ((a - b).abs().max() / b.abs().max()).item()
         assert rel < 1e-4, f"step {i % STEPS} of generation {i // STEPS}: relative error {rel:.2e}"
+
+
+def test_export_follows_replaced_weights(exported) -> None:
+    """Issue 26 item 3: parameters replaced after the module's first call (new Parameter objects) are what the
+    package holds, not the weights the module's plan was captured with."""
+    path, unet, x = exported
+    t = torch.full((BATCH,), 999.0)
+    with torch.no_grad():
+        got = fxcache.load(path)(x, t)
+        want = unet(x, t)
+        old_unet = PlainUNet().eval()
+        old_unet.load_state_dict(unet.old_state)
+        stale = old_unet(x, t)
+    assert not torch.allclose(want, stale), "the new weights must change the output (else this test tests nothing)"
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-4, f"the package must run the current weights: relative error {rel:.2e} against the new model"
 
 
 def test_cache_is_an_input_not_a_constant(exported) -> None:
