@@ -4,6 +4,7 @@ about 25 s on 2 cores), loaded in a fresh process that never imports diffusers o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,13 @@ from tests.models import PlainUNet
 pytestmark = [pytest.mark.slow, pytest.mark.compile]
 
 BATCH, SIZE, STEPS, INTERVAL = 2, 16, 10, 3
+# The fresh processes import this checkout's fxcache (not whichever one the interpreter has installed).
+_FRESH_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(fxcache.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p
+    ),
+}
 
 
 def _timesteps() -> list[float]:
@@ -50,7 +58,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.M
     with torch.no_grad():
         cached(x, t)  # a plan for this signature, captured with the first weights
     old = {k: v.clone() for k, v in unet.state_dict().items()}
-    unet.load_state_dict({k: torch.randn_like(v) * 0.3 for k, v in old.items()}, assign=True)
+    unet.load_state_dict(PlainUNet().state_dict(), assign=True)  # another checkpoint: new Parameter objects
     path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, t))
     unet.old_state = old  # for test_export_follows_replaced_weights
     return path, unet, x
@@ -109,7 +117,7 @@ for name in ("diffusers", "tests.models", "tests"):
     assert name not in sys.modules, name + " was imported"
 """
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_FRESH_ENV)
     got = torch.load(out_file)
     reference = fxcache.transform(unet, branch=1, interval=INTERVAL)
     want = _generation(reference, x) + _generation(reference, x)
@@ -255,7 +263,7 @@ for t in (999, 666, 333, 0):
 torch.save(outs, {str(tmp_path / "outs.pt")!r})
 assert "diffusers" not in sys.modules, "diffusers was imported"
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_FRESH_ENV)
     got = torch.load(tmp_path / "outs.pt")
     reference, x = fxcache.transform(unet, branch=0, interval=2), sample
     for i, t in enumerate((999, 666, 333, 0)):
