@@ -143,6 +143,48 @@ def test_export_follows_replaced_weights(exported) -> None:
     assert rel < 1e-4, f"the package must run the current weights: relative error {rel:.2e} against the new model"
 
 
+def _strided_like(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x``'s values in layouts other than the contiguous one the package was compiled for."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide[..., : x.shape[-1]] = x
+    flat = torch.zeros(x.numel() + 1)
+    flat[1:] = x.flatten()
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": wide[..., : x.shape[-1]],
+        "offset by one element": flat[1:].view(x.shape),
+    }
+
+
+def test_strided_inputs_equal_contiguous_ones(exported) -> None:
+    """Issue 26 item 4: the kernels assume the strides they were compiled for. A channels_last, transposed, sliced
+    or offset sample and a stride-0 timestep (``t.expand(2)``, one stored element) give the contiguous inputs'
+    outputs, full and shallow steps alike (they are copied into the compiled layout first)."""
+    path, _, x = exported
+    runner = fxcache.load(path)
+    t = torch.full((BATCH,), 500.0)
+
+    def two_steps(sample: torch.Tensor, step: torch.Tensor, next_step: torch.Tensor) -> list[torch.Tensor]:
+        runner.reset()
+        with torch.no_grad():
+            return [runner(sample, step), runner(sample, next_step)]
+
+    want = two_steps(x, t, t - 1)
+    cases = {name: (xs, t, t - 1) for name, xs in _strided_like(x).items()}
+    cases["stride-0 timestep"] = (x, torch.tensor([500.0]).expand(BATCH), torch.tensor([499.0]).expand(BATCH))
+    wrong = []
+    for name, (xs, t0, t1) in cases.items():
+        assert torch.equal(xs, x) and torch.equal(t0, t), name
+        got = two_steps(xs, t0, t1)
+        for step, a, b in zip(("full", "shallow"), got, want, strict=True):
+            if not torch.equal(a, b):
+                wrong.append(f"{name} input, {step} step: {(a - b).abs().max().item():.3g} off")
+    assert not wrong, "strided inputs must give the contiguous inputs' outputs: " + "; ".join(wrong)
+    assert runner.fxcache_state.shallow_steps == len(cases) + 1, runner.fxcache_state
+    assert read_metadata(path)["inputs"][0]["stride"] == list(x.stride()), "the compiled strides are recorded"
+
+
 def test_cache_is_an_input_not_a_constant(exported) -> None:
     """A shallow step reads the latest full step's feature: after a full step on other inputs, it changes."""
     path, unet, x = exported
@@ -190,6 +232,25 @@ def test_other_device_kind_is_refused(exported, tmp_path: Path) -> None:
         cuda_pkg = _with_metadata(path, tmp_path / "cuda.pt2", device={"type": "cuda", "index": 0})
         with pytest.raises(PackageError, match="no CUDA device"):
             fxcache.load(cuda_pkg)
+
+
+def test_format_1_package_loads_as_contiguous(exported, tmp_path: Path) -> None:
+    """A package written before strides were recorded (format 1) still loads, read as compiled for contiguous
+    inputs, and copies other layouts; an unknown format version is refused with what to do."""
+    path, _, x = exported
+    meta = read_metadata(path)
+    unstrided = [{k: v for k, v in leaf.items() if k != "stride"} for leaf in meta["inputs"]]
+    cache = {k: v for k, v in meta["cache"].items() if k != "stride"}
+    old = _with_metadata(path, tmp_path / "v1.pt2", format_version=1, inputs=unstrided, cache=cache)
+    assert read_metadata(old)["inputs"] == meta["inputs"], "format 1 reads as contiguous strides"
+    runner, t = fxcache.load(old), torch.full((BATCH,), 500.0)
+    with torch.no_grad():
+        want = runner(x, t)
+        runner.reset()
+        assert torch.equal(runner(x.contiguous(memory_format=torch.channels_last), t), want)
+    newer = _with_metadata(path, tmp_path / "v9.pt2", format_version=9)
+    with pytest.raises(PackageError, match="version 9; this fxcache reads 'fxcache-aot' versions 1, 2. Export it"):
+        fxcache.load(newer)
 
 
 def test_other_torch_is_refused(exported, tmp_path: Path) -> None:
