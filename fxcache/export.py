@@ -11,11 +11,17 @@ A package is one ``.pt2`` file (PyTorch's PT2 archive, a zip) that holds
   packager deduplicates by storage, so a weight both graphs read is stored once and, at load, one tensor
   serves both runners;
 * ``extra/fxcache.json``: the format version, the torch and fxcache versions, the device, the branch and
-  where it cuts, the schedule, and the input/output structure (see :func:`read_metadata`).
+  where it cuts, the schedule, and the input/output structure, each input's strides included (see
+  :func:`read_metadata`).
 
 :func:`load` checks the metadata before it loads any code, then returns a :class:`PackagedModule`: a
 :class:`~fxcache.CachedModule` whose two graphs are the packaged ones, so it runs the same schedule and
 generation rules as the in-process transform, called exactly like the original model.
+
+The kernels are compiled for contiguous inputs and index memory with those strides, checking none of them; a
+loaded package copies a tensor of another layout (channels_last, transposed, sliced, a stride-0 ``expand``,
+a misaligned start) into the compiled one before its runner sees it, so every valid call gives the contiguous
+call's result.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from fxcache.schedule import ExplicitSchedule, NonUniform, Schedule, Uniform
 __all__ = ["PackageError", "PackagedModule", "export", "load", "read_metadata"]
 
 FORMAT = "fxcache-aot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each tensor input and the cache record their compiled strides
+_READS = (1, 2)  # format 1 packages were compiled from their example inputs as given, read as contiguous
 _META = "fxcache.json"  # an extra file of the archive: extra/fxcache.json
 _AOTI_OPTIONS = {
     "aot_inductor.package": True,
@@ -54,6 +61,7 @@ _AOTI_OPTIONS = {
     "aot_inductor.package_constants_on_disk_format": "pickle_weights",
 }
 _CONST_TYPES = (type(None), bool, int, float, str)
+_ALIGN = 16  # bytes: Inductor assumes inputs start this aligned when the examples did (torch._inductor.utils.ALIGNMENT)
 
 
 class PackageError(RuntimeError):
@@ -118,6 +126,7 @@ def _leaf_json(leaf: Any, name: str) -> dict[str, Any]:
             "shape": list(leaf.shape),
             "dtype": str(leaf.dtype).removeprefix("torch."),
             "device": str(leaf.device),
+            "stride": list(leaf.stride()),
         }
     if isinstance(leaf, _CONST_TYPES):
         return {"kind": "const", "type": type(leaf).__name__, "value": leaf}
@@ -177,8 +186,11 @@ def _aot_files(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> lis
 
 
 def _plan_for(cached: CachedModule, args: tuple, kwargs: dict[str, Any]) -> tuple[CachePlan, tuple, dict, bool]:
-    """The plan for this call (the module's own if it has one), the call as captured, and whether the
-    timestep was lifted to a tensor (as the runtime does, so one package serves every step)."""
+    """The plan for this call (the module's own if it has one for the model as it is now), the call as captured,
+    and whether the timestep was lifted to a tensor (as the runtime does, so one package serves every step)."""
+    # The model check a generation start makes: plans captured before the model changed (parameters replaced,
+    # load_state_dict(..., assign=True), a submodule swapped, hooks) are dropped, so a stale one is never packaged.
+    cached._check_model()
     lifted = cached._timestep.lift(args, kwargs)
     attempts = [(lifted, True)] if lifted is not None else []
     attempts.append(((args, kwargs), False))
@@ -204,7 +216,10 @@ def export(
     dtypes, device, constant arguments): C++ kernels for CPU inputs, CUDA kernels for CUDA inputs. The
     package also holds the weights (once), the branch, the schedule (``interval``/``schedule``,
     ``total_steps``) and the input and output structure, so :func:`fxcache.load` runs it without the
-    model's code. ``cached`` and its model are not modified; the inputs are only traced, not run.
+    model's code. The package is built from the model as it is now: a plan ``cached`` captured before the
+    model changed (replaced parameters, swapped submodules, hooks: what a generation start checks) is
+    dropped, as its next generation would drop it, and captured again. Otherwise ``cached`` and its model
+    are not modified; the inputs are only traced, not run.
     This takes a while: about 15 s per graph for a tiny U-Net on 2 CPU cores, minutes for SD1.5.
 
     Args:
@@ -244,7 +259,11 @@ def export(
     with torch.no_grad():  # a package runs inference: its graphs are what eager runs without gradients
         cache_plan, call_args, call_kwargs, lifted = _plan_for(cached, tuple(args), kwargs)
 
-    leaves = cache_plan.flatten(call_args, call_kwargs)
+    # Compiled for contiguous inputs whatever the example's layout: the layout a loaded package copies others into.
+    leaves = [
+        x.clone(memory_format=torch.contiguous_format) if isinstance(x, torch.Tensor) else x
+        for x in cache_plan.flatten(call_args, call_kwargs)
+    ]
     names = _leaf_names(call_args, call_kwargs)
     leaf_json = [_leaf_json(x, n) for x, n in zip(leaves, names, strict=True)]
     tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
@@ -278,7 +297,11 @@ def export(
         "out_spec": pytree.treespec_dumps(out_spec) if rebuildable else None,
         "out_type": "tree" if rebuildable else "tuple",
         "out_original": str(out_spec.type) if not out_spec.is_leaf() else "tensor",
-        "cache": {"shape": list(spec.shape), "dtype": str(spec.dtype).removeprefix("torch.")},
+        "cache": {
+            "shape": list(spec.shape),
+            "dtype": str(spec.dtype).removeprefix("torch."),
+            "stride": list(deep.stride()),
+        },
     }
 
     from torch.export.pt2_archive._package import package_pt2
@@ -308,8 +331,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     Keys: ``format``, ``format_version``, ``torch``, ``fxcache``, ``device`` (``type``, ``index``),
     ``model`` (the class name), ``branch``, ``num_branches``, ``skip_from``, ``merge_into``,
     ``flops_fraction``, ``schedule``, ``total_steps``, ``inputs`` (one entry per input leaf: ``name``,
-    ``kind`` and a tensor's ``shape``, ``dtype``, ``device`` or a constant's ``value``), ``out_type``
-    (``"tree"``: the model's own structure; ``"tuple"``: a tuple of tensors), ``out_original`` and ``cache``.
+    ``kind`` and a tensor's ``shape``, ``dtype``, ``device``, ``stride`` (what its kernels were compiled for)
+    or a constant's ``value``), ``out_type`` (``"tree"``: the model's own structure; ``"tuple"``: a tuple of
+    tensors), ``out_original`` and ``cache`` (``shape``, ``dtype``, ``stride``). A format 1 package (fxcache
+    before strides were recorded) reads with contiguous strides, the layout of every documented export call.
 
     Raises:
         PackageError: the file is missing, not a zip (truncated or corrupted), fails its checksums, or is
@@ -335,12 +360,23 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(path)!r} is not a readable fxcache package ({type(exc).__name__}: {exc}); it may be truncated "
             "or corrupted. Export it again with fxcache.export."
         ) from exc
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in _READS:
         raise PackageError(
             f"{str(path)!r} has package format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-            f"this fxcache reads {FORMAT!r} version {FORMAT_VERSION}. Export it again with this fxcache."
+            f"this fxcache reads {FORMAT!r} versions {', '.join(map(str, _READS))}. Export it again with this fxcache."
         )
+    for leaf in [*meta["inputs"], meta["cache"]]:
+        if leaf.get("kind", "tensor") == "tensor":
+            leaf.setdefault("stride", _contiguous_strides(leaf["shape"]))
     return meta
+
+
+def _contiguous_strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return strides[::-1]
 
 
 def _check_compatible(meta: Mapping[str, Any], path: Path, device: torch.device | str | None) -> torch.device:
@@ -369,6 +405,28 @@ def _check_compatible(meta: Mapping[str, Any], path: Path, device: torch.device 
     if kind not in ("cpu", "cuda"):
         raise PackageError(f"{str(path)!r} was built for device {kind!r}, which fxcache.load does not support")
     return torch.device(kind, index) if index is not None else torch.device(kind)
+
+
+class _CompiledLayout:
+    """A runner whose tensors are first put in the layout its kernels were compiled for.
+
+    AOTInductor's kernels read each input at the compiled strides from its data pointer, unchecked: a
+    channels_last or sliced tensor would be read in the wrong order, a stride-0 one (``t.expand(2)``) past
+    its storage. A tensor with other strides, or a start less aligned than the example's, is copied into a
+    new tensor of the compiled strides (exact: the same values); one already laid out so is passed as it is.
+    """
+
+    def __init__(self, run: Any, strides: list[tuple[int, ...]]) -> None:
+        self.run, self.strides = run, strides
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[Any]:
+        return self.run([_laid_out(t, s) for t, s in zip(tensors, self.strides, strict=True)])
+
+
+def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    if t.stride() == stride and t.data_ptr() % _ALIGN == 0:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 class _PackagedModel(torch.nn.Module):
@@ -473,6 +531,9 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
     output has the model's structure when it is made of tensors, tuples, lists and dicts; otherwise (a
     diffusers ``UNet2DConditionOutput``, a dataclass) it is the tuple of its tensors, as the model returns
     with ``return_dict=False``. A package holds kernels for one device kind and one input signature.
+    Its kernels assume contiguous inputs: a tensor of another layout (channels_last, transposed, sliced,
+    ``t.expand(2)``) is copied into a contiguous one first (a copy per such input and call; pass contiguous
+    tensors to avoid it). The result is the contiguous call's, exactly.
 
     Args:
         path: the ``.pt2`` file.
@@ -509,5 +570,8 @@ def load(path: str | os.PathLike[str], *, device: torch.device | str | None = No
             "it may be corrupted, or built by another torch. Export it again with fxcache.export."
         ) from exc
     tensor_leaves = tuple(i for i, x in enumerate(meta["inputs"]) if x["kind"] == "tensor")
-    graphs = backends.aot_inductor(runners["full"].loader.boxed_run, runners["shallow"].loader.boxed_run, tensor_leaves)
+    strides = [tuple(meta["inputs"][i]["stride"]) for i in tensor_leaves]
+    full = _CompiledLayout(runners["full"].loader.boxed_run, strides)
+    shallow = _CompiledLayout(runners["shallow"].loader.boxed_run, [*strides, tuple(meta["cache"]["stride"])])
+    graphs = backends.aot_inductor(full, shallow, tensor_leaves)
     return PackagedModule(meta, graphs, where)

@@ -4,6 +4,7 @@ about 25 s on 2 cores), loaded in a fresh process that never imports diffusers o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,13 @@ from tests.models import PlainUNet
 pytestmark = [pytest.mark.slow, pytest.mark.compile]
 
 BATCH, SIZE, STEPS, INTERVAL = 2, 16, 10, 3
+# The fresh processes import this checkout's fxcache (not whichever one the interpreter has installed).
+_FRESH_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(fxcache.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p
+    ),
+}
 
 
 def _timesteps() -> list[float]:
@@ -39,11 +47,20 @@ def _generation(model, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, torch.Tensor]:
+    """The package every test shares. Before exporting, the module has run (it holds a plan) and then the model's
+    parameters were replaced (``load_state_dict(..., assign=True)``): the package must hold the *new* weights
+    (issue 26 item 3; ``test_export_follows_replaced_weights``), which every test below compares against."""
     torch.manual_seed(0)
     unet = PlainUNet().eval()
     x = torch.randn(BATCH, 3, SIZE, SIZE)
+    t = torch.full((BATCH,), 999.0)
     cached = fxcache.transform(unet, branch=1, interval=INTERVAL)
-    path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, torch.full((BATCH,), 999.0)))
+    with torch.no_grad():
+        cached(x, t)  # a plan for this signature, captured with the first weights
+    old = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict(PlainUNet().state_dict(), assign=True)  # another checkpoint: new Parameter objects
+    path = fxcache.export(cached, tmp_path_factory.mktemp("pkg") / "plain.pt2", (x, t))
+    unet.old_state = old  # for test_export_follows_replaced_weights
     return path, unet, x
 
 
@@ -100,7 +117,7 @@ for name in ("diffusers", "tests.models", "tests"):
     assert name not in sys.modules, name + " was imported"
 """
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_FRESH_ENV)
     got = torch.load(out_file)
     reference = fxcache.transform(unet, branch=1, interval=INTERVAL)
     want = _generation(reference, x) + _generation(reference, x)
@@ -108,6 +125,64 @@ for name in ("diffusers", "tests.models", "tests"):
     for i, (a, b) in enumerate(zip(got["outs"], want, strict=True)):
         rel = ((a - b).abs().max() / b.abs().max()).item()
         assert rel < 1e-4, f"step {i % STEPS} of generation {i // STEPS}: relative error {rel:.2e}"
+
+
+def test_export_follows_replaced_weights(exported) -> None:
+    """Issue 26 item 3: parameters replaced after the module's first call (new Parameter objects) are what the
+    package holds, not the weights the module's plan was captured with."""
+    path, unet, x = exported
+    t = torch.full((BATCH,), 999.0)
+    with torch.no_grad():
+        got = fxcache.load(path)(x, t)
+        want = unet(x, t)
+        old_unet = PlainUNet().eval()
+        old_unet.load_state_dict(unet.old_state)
+        stale = old_unet(x, t)
+    assert not torch.allclose(want, stale), "the new weights must change the output (else this test tests nothing)"
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-4, f"the package must run the current weights: relative error {rel:.2e} against the new model"
+
+
+def _strided_like(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x``'s values in layouts other than the contiguous one the package was compiled for."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide[..., : x.shape[-1]] = x
+    flat = torch.zeros(x.numel() + 1)
+    flat[1:] = x.flatten()
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": wide[..., : x.shape[-1]],
+        "offset by one element": flat[1:].view(x.shape),
+    }
+
+
+def test_strided_inputs_equal_contiguous_ones(exported) -> None:
+    """Issue 26 item 4: the kernels assume the strides they were compiled for. A channels_last, transposed, sliced
+    or offset sample and a stride-0 timestep (``t.expand(2)``, one stored element) give the contiguous inputs'
+    outputs, full and shallow steps alike (they are copied into the compiled layout first)."""
+    path, _, x = exported
+    runner = fxcache.load(path)
+    t = torch.full((BATCH,), 500.0)
+
+    def two_steps(sample: torch.Tensor, step: torch.Tensor, next_step: torch.Tensor) -> list[torch.Tensor]:
+        runner.reset()
+        with torch.no_grad():
+            return [runner(sample, step), runner(sample, next_step)]
+
+    want = two_steps(x, t, t - 1)
+    cases = {name: (xs, t, t - 1) for name, xs in _strided_like(x).items()}
+    cases["stride-0 timestep"] = (x, torch.tensor([500.0]).expand(BATCH), torch.tensor([499.0]).expand(BATCH))
+    wrong = []
+    for name, (xs, t0, t1) in cases.items():
+        assert torch.equal(xs, x) and torch.equal(t0, t), name
+        got = two_steps(xs, t0, t1)
+        for step, a, b in zip(("full", "shallow"), got, want, strict=True):
+            if not torch.equal(a, b):
+                wrong.append(f"{name} input, {step} step: {(a - b).abs().max().item():.3g} off")
+    assert not wrong, "strided inputs must give the contiguous inputs' outputs: " + "; ".join(wrong)
+    assert runner.fxcache_state.shallow_steps == len(cases) + 1, runner.fxcache_state
+    assert read_metadata(path)["inputs"][0]["stride"] == list(x.stride()), "the compiled strides are recorded"
 
 
 def test_cache_is_an_input_not_a_constant(exported) -> None:
@@ -157,6 +232,25 @@ def test_other_device_kind_is_refused(exported, tmp_path: Path) -> None:
         cuda_pkg = _with_metadata(path, tmp_path / "cuda.pt2", device={"type": "cuda", "index": 0})
         with pytest.raises(PackageError, match="no CUDA device"):
             fxcache.load(cuda_pkg)
+
+
+def test_format_1_package_loads_as_contiguous(exported, tmp_path: Path) -> None:
+    """A package written before strides were recorded (format 1) still loads, read as compiled for contiguous
+    inputs, and copies other layouts; an unknown format version is refused with what to do."""
+    path, _, x = exported
+    meta = read_metadata(path)
+    unstrided = [{k: v for k, v in leaf.items() if k != "stride"} for leaf in meta["inputs"]]
+    cache = {k: v for k, v in meta["cache"].items() if k != "stride"}
+    old = _with_metadata(path, tmp_path / "v1.pt2", format_version=1, inputs=unstrided, cache=cache)
+    assert read_metadata(old)["inputs"] == meta["inputs"], "format 1 reads as contiguous strides"
+    runner, t = fxcache.load(old), torch.full((BATCH,), 500.0)
+    with torch.no_grad():
+        want = runner(x, t)
+        runner.reset()
+        assert torch.equal(runner(x.contiguous(memory_format=torch.channels_last), t), want)
+    newer = _with_metadata(path, tmp_path / "v9.pt2", format_version=9)
+    with pytest.raises(PackageError, match="version 9; this fxcache reads 'fxcache-aot' versions 1, 2. Export it"):
+        fxcache.load(newer)
 
 
 def test_other_torch_is_refused(exported, tmp_path: Path) -> None:
@@ -230,7 +324,7 @@ for t in (999, 666, 333, 0):
 torch.save(outs, {str(tmp_path / "outs.pt")!r})
 assert "diffusers" not in sys.modules, "diffusers was imported"
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_FRESH_ENV)
     got = torch.load(tmp_path / "outs.pt")
     reference, x = fxcache.transform(unet, branch=0, interval=2), sample
     for i, t in enumerate((999, 666, 333, 0)):
