@@ -139,7 +139,8 @@ def test_shallow_graph_reads_the_residuals_above_the_cut(branch: int, down_read:
     )
     assert mid is mid_read, "only the deepest branch's shallow graph adds the mid-block residual"
     placeholders = [n for n in p.shallow.graph.nodes if n.op == "placeholder"]
-    assert len(placeholders) == p.signature.spec.num_leaves, "the shallow graph takes every leaf"
+    n_leaves = p.signature.spec.num_leaves
+    assert len(placeholders) == n_leaves + len(p.feature_specs), "the shallow graph takes every leaf, then the feature"
 
 
 def _manual_steps(pipe: Any, steps: list[tuple[int, int]]) -> list[Any]:

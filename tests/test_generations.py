@@ -7,6 +7,7 @@ Weights, plans and compiled graphs are shared; the step state and the cached fea
 from __future__ import annotations
 
 import asyncio
+import copy
 import contextlib
 import gc
 import threading
@@ -232,7 +233,9 @@ def test_eight_threads_eight_shapes_two_plans_get_their_solo_results(monkeypatch
                 results.append((x, st.generation_full_steps, st.generation_shallow_steps))
         return results
 
-    solo_module = fxcache.transform(model, branch=0, interval=3)
+    # The solo runs on a copy (same weights): programs are kept per model object across modules
+    # (fxcache.kept_programs), and the shared module below must build and evict its own.
+    solo_module = fxcache.transform(copy.deepcopy(model), branch=0, interval=3)
     solo = [run(solo_module, i) for i in range(len(shapes))]
     captures: list[tuple] = []
 
