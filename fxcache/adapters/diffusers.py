@@ -80,16 +80,20 @@ class _PipelineUNet(CachedModule):
         self._pipe_ref = weakref.ref(pipe)
         self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
 
-    def in_pipeline(self) -> bool:
-        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled)."""
+    def in_pipeline(self, controlnet: Any = None) -> bool:
+        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled),
+        and, when given, ``controlnet`` its ``controlnet``."""
         pipe = self._pipe_ref()
-        return pipe is not None and pipe.__dict__.get("unet") is self
+        if pipe is None or pipe.__dict__.get("unet") is not self:
+            return False
+        return controlnet is None or pipe.__dict__.get("controlnet") is controlnet
 
-    def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, CachePlan | None]:
+    def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool, CachePlan | None]:
         """Decide now whether the next call is full, advancing the step state exactly as that call would.
 
         For a module called right before this one with the same timestep (a ControlNet). The next call
-        consumes the decision. Returns it, with the plan whose shallow graph a shallow step will run.
+        consumes the decision. Returns (new generation?, full?) and the plan whose shallow graph a shallow step
+        will run.
         Deciding again before that call drops the earlier decision (its call never came). The decision is
         kept in the generation's state (``fxcache_state.ahead``: [new generation, full, predicted signature,
         pruned]), so threads sharing the module keep theirs apart.
@@ -99,7 +103,7 @@ class _PipelineUNet(CachedModule):
         predicted = st.signature if st.signature is not None else _UNKNOWN
         new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
         st.ahead = [new_generation, full, predicted, False]
-        return full, (None if full else self.plans.get(predicted))
+        return new_generation, full, (None if full else self.plans.get(predicted))
 
     def ahead_pruned(self) -> None:
         """The caller of :meth:`decide_ahead` skipped inputs only a full step reads: the next call must be shallow."""
@@ -163,8 +167,23 @@ class _SaveAsPlain:
         pipe = self.pipe
         unet = pipe.unet
         original = unet.model if isinstance(unet, CachedModule) else unet
-        with swap_unet(pipe, original):
+        net = pipe.__dict__.get("controlnet")
+        with swap_unet(pipe, original), _swapped(pipe, "controlnet", _controlnet.plain(net)):
             return type(pipe).save_pretrained(pipe, *args, **kwargs)
+
+
+@contextmanager
+def _swapped(pipe: Any, name: str, value: Any) -> Iterator[None]:
+    # Without DiffusionPipeline.__setattr__, which would record the value in pipe.config.
+    if name not in pipe.__dict__:
+        yield
+        return
+    previous = pipe.__dict__[name]
+    object.__setattr__(pipe, name, value)
+    try:
+        yield
+    finally:
+        object.__setattr__(pipe, name, previous)
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
@@ -254,27 +273,35 @@ def enable(
 
 
 def _hook_controlnet(pipe: Any, unet: _PipelineUNet, prune: bool) -> None:
-    # pipe.controlnet stays the same object (the pipeline checks its class); only its forward is hooked.
-    net = getattr(pipe, "controlnet", None)
+    # The pipeline's controlnet becomes its own view of the ControlNet (fxcache.adapters.controlnet.view), set
+    # with object.__setattr__ as the U-Net is: the ControlNet object, which other pipelines may share, is never
+    # changed, and the pipeline's config still names the ControlNet.
+    current = pipe.__dict__.get("controlnet")
+    net = _controlnet.plain(current)
     if not isinstance(net, torch.nn.Module):
         return
-    _controlnet.uninstall(net)
-    if prune:
-        step = unet.fxcache_controlnet
-        unet.fxcache_controlnet = _controlnet.install(net, unet, step if step is not None and step.net is net else None)
+    if not prune:
+        if current is not net:
+            object.__setattr__(pipe, "controlnet", net)
+        return
+    step = unet.fxcache_controlnet
+    if step is None or step.net is not net:  # kept, with its graphs, while the pipeline keeps this ControlNet
+        step = unet.fxcache_controlnet = _controlnet.ControlNetStep(net, unet)
+    if _controlnet.installed(current) is not step:
+        object.__setattr__(pipe, "controlnet", _controlnet.view(net, step))
 
 
 def disable(pipe: Any) -> Any:
-    """Put back the UNet that :func:`enable` replaced (and the ControlNet's own forward); a no-op on a
+    """Put back the UNet and the ControlNet that :func:`enable` replaced (the very same objects); a no-op on a
     pipeline that is not enabled."""
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, CachedModule):
         _set_unet(pipe, unet.model)
     if isinstance(vars(pipe).get("save_pretrained"), _SaveAsPlain):
         del pipe.__dict__["save_pretrained"]
-    net = getattr(pipe, "controlnet", None)
-    if isinstance(net, torch.nn.Module):
-        _controlnet.uninstall(net)
+    net = pipe.__dict__.get("controlnet")
+    if _controlnet.installed(net) is not None:
+        object.__setattr__(pipe, "controlnet", _controlnet.plain(net))
     return pipe
 
 
