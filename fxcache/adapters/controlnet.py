@@ -3,11 +3,13 @@
 A ControlNet pipeline calls ``pipe.controlnet`` and then ``pipe.unet`` at every step. The ControlNet
 returns one residual per U-Net skip plus one for the mid block; the U-Net adds each to its skip. On a
 shallow step the U-Net's shallow graph reads only the residuals of the skips above the cut
-(:attr:`fxcache.CachePlan.shallow_inputs`): for branch 0, the first one. :class:`ControlNetStep` is
-installed as the ControlNet's ``forward`` by :func:`fxcache.enable`; on a shallow step it runs a
-graph of the ControlNet pruned, by reachability, to those residuals, and returns zeros (made once per
-signature, never read by the shallow U-Net) in place of the others. Full steps run the ControlNet's
-own forward, untouched.
+(:attr:`fxcache.CachePlan.shallow_inputs`): for branch 0, the first one. :func:`fxcache.enable` puts in
+the pipeline's ``controlnet`` a :func:`view` of the ControlNet whose forward is a :class:`ControlNetStep`;
+on a shallow step it runs a graph of the ControlNet pruned, by reachability, to those residuals, and
+returns zeros (made once per signature, never read by the shallow U-Net) in place of the others. Full
+steps run the ControlNet's own forward, untouched. The ControlNet object itself is never changed, so
+another pipeline sharing it runs it plain; the pruned graphs are captured again at a generation's start
+when the ControlNet changed (:func:`fxcache.watch.fingerprint`), as the U-Net's are.
 
 The step decision is taken once per step, by whichever of the two modules runs first: the hook asks
 the U-Net's :class:`~fxcache.runtime.CachedModule` to decide its *next* call now

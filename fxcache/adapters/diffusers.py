@@ -297,8 +297,11 @@ def enable(
 
     Step numbering follows the reference helper (``DeepCacheSDHelper``) exactly: a call's step is the
     position of its timestep's first occurrence in the scheduler's timesteps, counted from the
-    generation's first call. Unlike the reference, which reads the timestep tensor every step (a
-    device sync), fxcache reads the scheduler's timesteps once per generation and counts calls.
+    generation's first call, so two calls at one timestep are one step. Unlike the reference, which
+    reads the timestep tensor every step (a device sync), fxcache reads the scheduler's timesteps once
+    per generation and places a call by its timestep's storage offset in them (how pipelines pass it);
+    only a device tensor that is not an element of ``scheduler.timesteps`` is placed by counting calls
+    (the same tensor object again being the same step). See :class:`_SchedulerSteps`.
     A schedule that needs the number of steps (``nonuniform``) gets the number of denoising calls
     the pipeline will make. ``interval``, ``schedule`` and ``compile`` are as in
     :func:`fxcache.transform`. Calling ``enable`` again on an enabled pipeline replaces the settings
@@ -310,7 +313,9 @@ def enable(
     On a pipeline with a ControlNet (``pipe.controlnet``, one or a ``MultiControlNetModel``), shallow
     steps run only the part of the ControlNet whose residuals the shallow U-Net reads (for branch 0 the
     first of its 13 residuals), with the same latents as running it whole; ``prune_controlnet=False``
-    runs it whole every step, as the reference helper does. See :mod:`fxcache.adapters.controlnet`.
+    runs it whole every step, as the reference helper does. ``pipe.controlnet`` is then the pipeline's own view
+    of the ControlNet (same class, same state; the ControlNet object, which other pipelines may share, is not
+    changed) until :func:`disable`. See :mod:`fxcache.adapters.controlnet`.
 
     Example:
         >>> import fxcache
