@@ -146,3 +146,64 @@ def test_reenable_keeps_the_module_and_counts_per_generation(sd_pipe) -> None:
         assert (st.full_steps, st.shallow_steps) == (5, 7), "the cumulative counts do not"
     finally:
         fxcache.disable(sd_pipe)
+
+
+# -- issue 26 item 6: steps numbered by timestep, not by call ------------------------------------------------
+
+
+def _two_calls_per_step(pipe, copy: bool) -> tuple[torch.Tensor, str]:
+    """A hand-written loop that calls the U-Net twice per timestep (unconditional, then conditional: batch 1
+    each); returns the latents and, while fxcache is enabled, each call's decision (F full, s shallow)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    uncond, cond = torch.randn(1, 7, models.CROSS_DIM, generator=g), torch.randn(1, 7, models.CROSS_DIM, generator=g)
+    pipe.scheduler.set_timesteps(6)
+    marks = ""
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            t = t.clone() if copy else t  # a copy: no longer an element of scheduler.timesteps
+            eps = []
+            for emb in (uncond, cond):
+                before = getattr(pipe.unet, "fxcache_state", None) and pipe.unet.fxcache_state.full_steps
+                eps.append(pipe.unet(latents, t, encoder_hidden_states=emb).sample)
+                if before is not None:
+                    marks += "F" if pipe.unet.fxcache_state.full_steps > before else "s"
+            latents = pipe.scheduler.step(eps[0] + 7.5 * (eps[1] - eps[0]), t, latents).prev_sample
+    return latents, marks
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_two_calls_at_one_timestep_are_one_step(copy: bool) -> None:
+    pipe = models.sd_pipeline(unet=models.sd_unet(blocks=2))
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    try:
+        ref, _ = _two_calls_per_step(pipe, copy)
+    finally:
+        helper.disable()
+    fxcache.enable(pipe, branch=0, interval=3)
+    try:
+        ours, marks = _two_calls_per_step(pipe, copy)
+    finally:
+        fxcache.disable(pipe)
+    assert marks == "FFssssFFssss", f"two calls per timestep are one step, as in the helper (got {marks})"
+    assert torch.equal(ours, ref), f"max |diff| vs DeepCacheSDHelper: {(ours - ref).abs().max().item()}"
+
+
+def test_a_device_timestep_is_numbered_without_being_read() -> None:
+    # Timesteps on a device (here "meta", which cannot be read at all) that are not elements of
+    # scheduler.timesteps: calls are counted, and the same tensor object again is the same step.
+    from fxcache.adapters.diffusers import _SchedulerSteps
+
+    class Pipe:
+        scheduler = type("Scheduler", (), {"timesteps": torch.tensor([900, 600, 600, 300]), "begin_index": None})()
+
+    pipe = Pipe()
+    steps = _SchedulerSteps(pipe)
+    a, b, c, d = (torch.empty((), device="meta") for _ in range(4))
+    got = [tuple(steps.step_of(t)[:2]) for t in (a, a, b, c, c, d)]
+    assert got == [(True, 0), (False, 0), (False, 1), (False, 1), (False, 1), (False, 3)], got
+    elements = pipe.scheduler.timesteps  # elements are placed by their storage offset, never read
+    got = [tuple(steps.step_of(t)[:2]) for t in (elements[0], elements[0].expand(2), 600, elements[2], elements[3])]
+    assert got == [(True, 0), (False, 0), (False, 1), (False, 1), (False, 3)], "a lower position: a new generation"

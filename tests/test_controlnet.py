@@ -163,7 +163,8 @@ def test_controlnet_and_unet_share_one_step_decision() -> None:
     pipe = models.sd_controlnet_pipeline()
     net = pipe.controlnet
     fxcache.enable(pipe, branch=0, interval=2)
-    hook = installed(net)
+    hook = installed(pipe.controlnet)
+    assert hook is not None and installed(net) is None, "the pipeline's view is hooked, not the ControlNet"
     _manual_steps(pipe, [(0, 2), (1, 2), (2, 2), (3, 2)])
     st = pipe.unet.fxcache_state
     assert (st.full_steps, st.shallow_steps) == (2, 2), "the step counter advanced once per step, not twice"
@@ -171,7 +172,7 @@ def test_controlnet_and_unet_share_one_step_decision() -> None:
     (plan,) = hook.plans.values()
     assert plan.needed == (0,) and plan.flops_fraction < 0.2, plan
     fxcache.enable(pipe, branch=0, interval=3)
-    assert installed(net) is hook and len(hook.plans) == 1, "re-enabling keeps the hook and its graphs"
+    assert installed(pipe.controlnet) is hook and len(hook.plans) == 1, "re-enabling keeps the hook and its graphs"
     fxcache.disable(pipe)
     assert pipe.controlnet is net and "forward" not in vars(net)
 
@@ -196,18 +197,26 @@ def test_a_signature_change_after_a_pruned_controlnet_raises() -> None:
     fxcache.disable(pipe)
 
 
-def test_disable_restores_a_forward_hooked_before_enable() -> None:
+def test_a_forward_hooked_before_enable_runs_and_stays() -> None:
     pipe = models.sd_controlnet_pipeline()
     net = pipe.controlnet
-    mine = net.forward  # as accelerate's hooks do: an instance attribute
+    calls = []
+
+    def mine(*args: Any, **kwargs: Any) -> Any:  # as accelerate's hooks do: an instance attribute
+        calls.append(1)
+        return type(net).forward(net, *args, **kwargs)
+
     net.forward = mine
     fxcache.enable(pipe, branch=0, interval=2)
-    assert installed(net) is not None and installed(net).previous is mine
+    _manual_steps(pipe, [(0, 2), (1, 2)])
+    assert calls == [1] and installed(pipe.controlnet).pruned_calls == 1, "full steps run the hooked forward"
+    with pytest.raises(AttributeError, match="fxcache_net"):
+        pipe.controlnet.forward = mine  # would loop through fxcache's own forward
     fxcache.enable(pipe, branch=1, interval=3, prune_controlnet=False)
-    assert vars(net)["forward"] is mine, "prune_controlnet=False on an enabled pipeline unhooks it"
+    assert pipe.controlnet is net, "prune_controlnet=False on an enabled pipeline puts the ControlNet back"
     fxcache.enable(pipe, branch=0, interval=2)
     fxcache.disable(pipe)
-    assert vars(net)["forward"] is mine and "_fxcache_previous_forward" not in vars(net)
+    assert pipe.controlnet is net and vars(net)["forward"] is mine
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -234,3 +243,79 @@ def test_a_swapped_in_unet_gets_every_residual() -> None:
     assert torch.equal(swapped, plain), "the plain U-Net, swapped in, must see the whole ControlNet's residuals"
     assert cached.fxcache_state.full_steps == 0 and installed(pipe.controlnet).pruned_calls == 0
     fxcache.disable(pipe)
+
+
+# -- issue 26: the ControlNet belongs to one enabled pipeline, and is watched -------------------------------
+
+
+def _twin(pipe: Any) -> Any:
+    """A second pipeline built from the first's components: the same U-Net, ControlNet and scheduler objects."""
+    twin = type(pipe)(**pipe.components)
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
+def test_a_plain_pipeline_sharing_the_controlnet_is_left_alone() -> None:
+    # Issue 26 item 1: enable() hooked the ControlNet object, so a plain pipeline sharing it got zeroed residuals
+    # on the "shallow" steps of the enabled pipeline's U-Net.
+    pipe = models.sd_controlnet_pipeline()
+    plain = _twin(pipe)
+    gen = {"steps": 4, "image": models.control_image()}
+    expected = models.generate(plain, **gen)
+    fxcache.enable(pipe, branch=0, interval=2)
+    try:
+        models.generate(pipe, **gen)
+        assert torch.equal(models.generate(plain, **gen), expected), "the plain pipeline must run the plain models"
+        assert plain.controlnet is pipe.controlnet.fxcache_net and "forward" not in vars(plain.controlnet)
+    finally:
+        fxcache.disable(pipe)
+
+
+def test_two_enabled_pipelines_sharing_a_controlnet_keep_their_own_steps() -> None:
+    # Issue 26 item 1: the ControlNet served the U-Net of whichever pipeline was enabled last.
+    first = models.sd_controlnet_pipeline()
+    second = _twin(first)
+    gen = {"steps": 4, "image": models.control_image()}
+    ref = _reference(first, 0, 2, **gen)
+    fxcache.enable(first, branch=0, interval=2)
+    fxcache.enable(second, branch=0, interval=3)
+    try:
+        models.generate(second, **gen)
+        assert torch.equal(models.generate(first, **gen), ref), "the first pipeline's ControlNet follows its U-Net"
+        hooks = installed(first.controlnet), installed(second.controlnet)
+        assert hooks[0] is not hooks[1], "each enabled pipeline has its own ControlNet step"
+        assert (hooks[0].pruned_calls, hooks[1].pruned_calls) == (2, 2), "steps 1, 3 and steps 1, 2 pruned"
+    finally:
+        fxcache.disable(first), fxcache.disable(second)
+
+
+def test_a_controlnet_replaced_while_enabled_is_not_left_hooked() -> None:
+    # Issue 26 item 1: after pipe.controlnet = other, the old ControlNet stayed hooked, even after disable.
+    pipe = models.sd_controlnet_pipeline()
+    old, other = pipe.controlnet, models.controlnet(pipe.unet, seed=7)
+    gen = {"steps": 4, "image": models.control_image()}
+    fxcache.enable(pipe, branch=0, interval=2)
+    try:
+        models.generate(pipe, **gen)
+        pipe.controlnet = other  # as a user does: recorded in the pipeline's config
+        ours = models.generate(pipe, **gen)
+    finally:
+        fxcache.disable(pipe)
+    assert pipe.controlnet is other and installed(old) is None and "forward" not in vars(old), "old is untouched"
+    assert torch.equal(ours, _reference(pipe, 0, 2, **gen)), "the new ControlNet runs whole: the helper's latents"
+
+
+def test_controlnet_weights_replaced_between_generations_are_seen() -> None:
+    # Issue 26 item 2: load_state_dict(assign=True) on the ControlNet left shallow steps on the old weights.
+    pipe = models.sd_controlnet_pipeline()
+    gen = {"steps": 4, "image": models.control_image()}
+    fxcache.enable(pipe, branch=0, interval=2)
+    try:
+        models.generate(pipe, **gen)  # builds the pruned ControlNet
+        state = {k: v * 1.5 for k, v in pipe.controlnet.state_dict().items()}
+        pipe.controlnet.load_state_dict(state, assign=True)  # new Parameter objects
+        ours = models.generate(pipe, **gen)
+        assert installed(pipe.controlnet).pruned_calls == 4, "still pruned on shallow steps, with a new capture"
+    finally:
+        fxcache.disable(pipe)
+    assert torch.equal(ours, _reference(pipe, 0, 2, **gen)), "shallow steps must run the new weights"

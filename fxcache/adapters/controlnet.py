@@ -3,11 +3,13 @@
 A ControlNet pipeline calls ``pipe.controlnet`` and then ``pipe.unet`` at every step. The ControlNet
 returns one residual per U-Net skip plus one for the mid block; the U-Net adds each to its skip. On a
 shallow step the U-Net's shallow graph reads only the residuals of the skips above the cut
-(:attr:`fxcache.CachePlan.shallow_inputs`): for branch 0, the first one. :class:`ControlNetStep` is
-installed as the ControlNet's ``forward`` by :func:`fxcache.enable`; on a shallow step it runs a
-graph of the ControlNet pruned, by reachability, to those residuals, and returns zeros (made once per
-signature, never read by the shallow U-Net) in place of the others. Full steps run the ControlNet's
-own forward, untouched.
+(:attr:`fxcache.CachePlan.shallow_inputs`): for branch 0, the first one. :func:`fxcache.enable` puts in
+the pipeline's ``controlnet`` a :func:`view` of the ControlNet whose forward is a :class:`ControlNetStep`;
+on a shallow step it runs a graph of the ControlNet pruned, by reachability, to those residuals, and
+returns zeros (made once per signature, never read by the shallow U-Net) in place of the others. Full
+steps run the ControlNet's own forward, untouched. The ControlNet object itself is never changed, so
+another pipeline sharing it runs it plain; the pruned graphs are captured again at a generation's start
+when the ControlNet changed (:func:`fxcache.watch.fingerprint`), as the U-Net's are.
 
 The step decision is taken once per step, by whichever of the two modules runs first: the hook asks
 the U-Net's :class:`~fxcache.runtime.CachedModule` to decide its *next* call now
@@ -23,7 +25,7 @@ the U-Net's residual arguments by diffusers' keyword names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -34,13 +36,15 @@ from torch.utils import _pytree as pytree
 
 from fxcache.capture import Captured, Signature, capture, flatten_call
 from fxcache.errors import CaptureError
+from fxcache.gate import TRACING
 from fxcache.passes import extract_subgraph, graph_outputs
 from fxcache.plan import CachePlan
 from fxcache.runtime import _TimestepArg
+from fxcache.watch import fingerprint
 
 _TIMESTEP = _TimestepArg("timestep", 1)  # ControlNetModel.forward(sample, timestep, ...)
 
-__all__ = ["ControlNetPlan", "ControlNetStep", "residuals_read"]
+__all__ = ["ControlNetPlan", "ControlNetStep", "installed", "plain", "residuals_read", "view"]
 
 DOWN, MID = "down_block_additional_residuals", "mid_block_additional_residual"
 
@@ -167,13 +171,17 @@ def _lift_scales(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, 
 
 @dataclass(eq=False, repr=False)
 class ControlNetStep:
-    """Installed as ``net.forward`` by :func:`fxcache.enable`: full steps run ``previous``, shallow ones a pruned graph.
+    """What the pipeline's ControlNet runs while :func:`fxcache.enable` is in force: full steps the whole ControlNet,
+    shallow ones a pruned graph.
+
+    It belongs to one enabled pipeline: it is the forward of that pipeline's :func:`view` of the ControlNet, and
+    the ControlNet object itself is never changed (another pipeline sharing it runs it plain).
 
     Attributes:
-        net: the ControlNet (``ControlNetModel`` or ``MultiControlNetModel``), left as it is otherwise.
-        unet: the pipeline's U-Net module (``CachedModule`` with ``decide_ahead`` and ``in_pipeline``); while
-            another module is the pipeline's ``unet`` (``swap_unet``), the ControlNet runs whole and decides nothing.
-        previous: what ``net.forward`` was before (the class's forward unless something else hooked it).
+        net: the ControlNet (``ControlNetModel`` or ``MultiControlNetModel``), left as it is.
+        unet: the pipeline's U-Net module (``CachedModule`` with ``decide_ahead`` and ``in_pipeline``); while it is
+            not the pipeline's ``unet`` (``swap_unet``), or the view not its ``controlnet``, the ControlNet runs
+            whole and decides nothing.
         prune: False runs the whole ControlNet every step (the step decision is still shared).
         whole_calls, pruned_calls: how many calls ran the whole ControlNet (full steps, and shallow steps that
             read every residual) and how many a pruned graph.
@@ -181,12 +189,12 @@ class ControlNetStep:
 
     net: torch.nn.Module
     unet: Any
-    previous: Callable[..., Any]
     prune: bool = True
     whole_calls: int = 0
     pruned_calls: int = 0
     _captured: dict[Signature, Captured | None] = field(default_factory=dict)
     _plans: dict[tuple[Signature, Any], ControlNetPlan | None] = field(default_factory=dict)
+    _fingerprint: Hashable | None = None  # the ControlNet as the captures saw it (fxcache.watch)
 
     def __repr__(self) -> str:
         return (
@@ -202,6 +210,22 @@ class ControlNetStep:
     def plans(self) -> dict[tuple[Signature, Any], ControlNetPlan | None]:
         """The pruned ControlNets built so far, by (input signature, residuals read); None: not prunable."""
         return dict(self._plans)
+
+    def serves(self, view: torch.nn.Module) -> bool:
+        """Whether ``view`` is its pipeline's ``controlnet`` and the U-Net module its ``unet`` (else: run it plain)."""
+        return bool(self.unet.in_pipeline(controlnet=view))
+
+    def _check_net(self) -> None:
+        """At a generation's start: drop the captures if the ControlNet changed since they were made."""
+        if not self._captured:
+            self._fingerprint = None
+            return
+        with TRACING.shared():  # never while a capture runs: torch.export patches modules as it traces
+            current = fingerprint(self.net)
+        if current != self._fingerprint:
+            self._captured.clear()
+            self._plans.clear()
+            self._fingerprint = None
 
     def _plan(
         self, unet_plan: CachePlan | None, args: tuple, kwargs: dict[str, Any]
@@ -219,6 +243,9 @@ class ControlNetStep:
             self._plans[key] = self._plans.pop(key)  # most recently used last
         else:
             if sig not in self._captured:
+                if self._fingerprint is None:
+                    with TRACING.shared():
+                        self._fingerprint = fingerprint(self.net)
                 try:
                     self._captured[sig] = capture(holder, args, kwargs)
                 except CaptureError:
@@ -238,15 +265,14 @@ class ControlNetStep:
             del self._captured[sig]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.unet.in_pipeline():  # another U-Net runs (swap_unet): it reads every residual
-            self.whole_calls += 1
-            return self.previous(*args, **kwargs)
-        full, unet_plan = self.unet.decide_ahead(args, kwargs)
+        new_generation, full, unet_plan = self.unet.decide_ahead(args, kwargs)
         try:
+            if new_generation:
+                self._check_net()
             plan, leaves = self._plan(unet_plan, args, kwargs) if self.prune and not full else (None, [])
             if plan is None:
                 self.whole_calls += 1
-                return self.previous(*args, **kwargs)
+                return self.net.forward(*args, **kwargs)  # its own forward (or one hooked on it), bound to it
             self.unet.ahead_pruned()
             self.pruned_calls += 1
             return plan(leaves)
@@ -255,31 +281,65 @@ class ControlNetStep:
             raise
 
 
-def install(net: torch.nn.Module, unet: Any, step: ControlNetStep | None = None) -> ControlNetStep:
-    """Install a :class:`ControlNetStep` as ``net.forward`` (an instance attribute); :func:`uninstall` removes it.
+# -- the pipeline's own view of a ControlNet ------------------------------------------------------------------
 
-    ``step``: one installed on ``net`` before, to reuse with the graphs it built.
+_VIEW_CLASSES: dict[type, type] = {}  # ControlNet class -> its view class
+
+
+def _view_forward(view: Any) -> Callable[..., Any]:
+    step = view._fxcache_step
+    return step if step.serves(view) else view.fxcache_net.forward
+
+
+def _refuse_forward(view: Any, value: Any) -> None:
+    raise AttributeError(
+        "fxcache: pipe.controlnet is fxcache's view of the ControlNet while fxcache.enable(pipe) is in force; its "
+        "forward cannot be replaced. Set it on the ControlNet itself (pipe.controlnet.fxcache_net.forward = ...), "
+        "or call fxcache.disable(pipe) first and fxcache.enable(pipe) after."
+    )
+
+
+def _reduce_to_net(view: Any, protocol: Any) -> Any:
+    return view.fxcache_net.__reduce_ex__(protocol)  # a copy (or pickle) of the view is one of the plain ControlNet
+
+
+def _view_class(cls: type) -> type:
+    view_cls = _VIEW_CLASSES.get(cls)
+    if view_cls is None:
+        namespace = {
+            "__slots__": ("fxcache_net", "_fxcache_step"),  # the view's own: not in the shared __dict__
+            "__module__": cls.__module__,
+            "__doc__": f"fxcache's view of a {cls.__name__}: see fxcache.adapters.controlnet.view.",
+            "forward": property(_view_forward, _refuse_forward),
+            "__reduce_ex__": _reduce_to_net,
+        }
+        view_cls = _VIEW_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return view_cls
+
+
+def view(net: torch.nn.Module, step: ControlNetStep) -> torch.nn.Module:
+    """A view of ``net`` whose forward is ``step``: what :func:`fxcache.enable` puts in the pipeline's ``controlnet``.
+
+    Pipelines check ``isinstance(pipe.controlnet, ControlNetModel)`` (or ``MultiControlNetModel``), and another
+    pipeline may share the ControlNet object, so the view is an instance of a subclass of ``net``'s class whose
+    ``__dict__`` *is* ``net``'s: parameters, submodules, config, ``training``, hooks and every attribute are the
+    ControlNet's own, live, both ways. Only ``forward`` differs: ``step`` while the view is its pipeline's
+    ``controlnet`` (and the U-Net module its ``unet``), else ``net``'s own. ``net`` itself is never changed.
+    ``view.fxcache_net`` is ``net``; copying or pickling the view gives a copy of ``net``.
     """
-    uninstall(net)
-    previous = net.__dict__.get("forward", net.forward)
-    if step is None:
-        step = ControlNetStep(net, unet, previous)
-    step.unet, step.previous = unet, previous
-    net.__dict__["_fxcache_previous_forward"] = net.__dict__.get("forward")
-    net.forward = step  # type: ignore[method-assign]
-    return step
+    v = object.__new__(_view_class(type(net)))
+    object.__setattr__(v, "__dict__", net.__dict__)
+    object.__setattr__(v, "fxcache_net", net)
+    object.__setattr__(v, "_fxcache_step", step)
+    return v
 
 
 def installed(net: Any) -> ControlNetStep | None:
-    step = getattr(net, "__dict__", {}).get("forward")
-    return step if isinstance(step, ControlNetStep) else None
+    """The :class:`ControlNetStep` behind a pipeline's ControlNet (``installed(pipe.controlnet)``) while
+    :func:`fxcache.enable` prunes it; None for anything else (a plain ControlNet, ``prune_controlnet=False``)."""
+    return net._fxcache_step if type(net) in _VIEW_CLASSES.values() else None
 
 
-def uninstall(net: Any) -> None:
-    """Put back ``net.forward`` as it was before :func:`install` (usually: no instance attribute at all)."""
-    if installed(net) is None:
-        return
-    previous = net.__dict__.pop("_fxcache_previous_forward", None)
-    del net.__dict__["forward"]
-    if previous is not None:
-        net.__dict__["forward"] = previous
+def plain(net: Any) -> Any:
+    """The ControlNet behind a :func:`view` (``net`` itself when it is not one)."""
+    return net.fxcache_net if installed(net) is not None else net

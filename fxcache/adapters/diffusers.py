@@ -6,9 +6,10 @@ import diffusers, and the core (capture, passes, runtime) knows nothing of it.
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -30,39 +31,96 @@ class _SchedulerSteps:
 
     The reference numbers a call by the position of its timestep's *first occurrence* in
     ``scheduler.timesteps`` (PNDM and Heun repeat timesteps), relative to the generation's first
-    call. This reads ``scheduler.timesteps`` to the host once per generation (a new generation is a
-    new ``timesteps`` tensor: every pipeline call runs ``set_timesteps``) and then counts calls;
-    ``scheduler.begin_index`` says where an img2img generation enters the schedule. A call past the
-    last timestep starts a new generation too (a loop that ran ``set_timesteps`` once and then
-    denoises twice).
+    call, and reads the timestep tensor to do so (``.item()``, a device sync). This reads
+    ``scheduler.timesteps`` to the host once per generation (a new generation is a new ``timesteps``
+    tensor: every pipeline call runs ``set_timesteps``) and then finds each call's position without
+    reading its timestep (:meth:`position`):
+
+    - a timestep that is an element of ``scheduler.timesteps`` (``for t in timesteps``, as every
+      diffusers loop passes it; also ``t.expand(n)`` of one): from its storage offset, metadata only;
+    - a Python number or a CPU tensor: by value (no device to wait for);
+    - otherwise (a device tensor the loop made, such as ``t.to(dtype)``): calls are counted, and a
+      call given the *same tensor object* as the previous call is the same step (a second call at
+      one timestep, as a callback or a guidance method makes).
+
+    So two calls at one timestep are one step, as in the reference. A position lower than the
+    previous call's starts a new generation (a loop that denoises twice over one ``set_timesteps``),
+    as does, when counting, a call past the last timestep; a counted generation starts at
+    ``scheduler.begin_index`` (where img2img enters the schedule).
     """
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = weakref.ref(pipe)
         self._timesteps: torch.Tensor | None = None
-        self._first: list[int] = []
-        self._begin = 0
-        self._calls = 0
+        self._first: list[int] = []  # position -> position of the first occurrence of its value
+        self._by_value: dict[float, int] = {}  # value -> position of its first occurrence
+        self._base = 0  # the position of the generation's first call
+        self._last: tuple[int, Any] | None = None  # (position, timestep argument) of the previous call
+        self._call_timestep: contextvars.ContextVar[Any] = contextvars.ContextVar(
+            f"fxcache_call_timestep_{id(self):x}", default=None
+        )
+
+    @contextmanager
+    def calling(self, timestep: Any) -> Iterator[None]:
+        """Number the calls made inside the block (the runtime asks :meth:`__call__`) as calls given ``timestep``."""
+        token = self._call_timestep.set(timestep)
+        try:
+            yield
+        finally:
+            self._call_timestep.reset(token)
 
     def __call__(self) -> StepInfo | None:
+        return self.step_of(self._call_timestep.get())
+
+    def step_of(self, timestep: Any) -> StepInfo | None:
+        """The step of a call given ``timestep`` (advances the numbering); None: not a scheduler this can read."""
         pipe = self._pipe()
         scheduler = getattr(pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
-        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or len(timesteps) == 0:
             return None  # not a scheduler we can read: the module's own rule applies
-        new = timesteps is not self._timesteps or self._begin + self._calls >= len(self._first)
-        if new:  # set_timesteps ran, or the calls ran past the timesteps: a loop started over
-            first: dict[float, int] = {}
-            self._first = [first.setdefault(v, i) for i, v in enumerate(timesteps.tolist())]
-            self._begin = getattr(scheduler, "begin_index", None) or 0
-            self._calls = 0
-            self._timesteps = timesteps
-        pos = self._begin + self._calls
-        self._calls += 1
-        total = max(len(self._first) - self._begin, 1)  # the denoising calls this generation makes
-        if pos >= len(self._first):  # begin_index beyond the timesteps: count calls
-            return StepInfo(new, pos - self._begin, total)
-        return StepInfo(new, self._first[pos] - self._first[self._begin], total)
+        if timesteps is not self._timesteps:  # set_timesteps ran: a new generation
+            values = timesteps.tolist()
+            self._by_value = {}
+            self._first = [self._by_value.setdefault(v, i) for i, v in enumerate(values)]
+            self._timesteps, self._last = timesteps, None
+        pos = self.position(timestep)
+        last = self._last
+        if pos is not None:
+            new = last is None or pos < last[0]
+        elif last is not None and timestep is not None and timestep is last[1]:
+            pos, new = last[0], False  # the same tensor object again: the same step
+        else:
+            pos = last[0] + 1 if last is not None else -1
+            new = not 0 <= pos < len(self._first)  # the first call, or past the last timestep: a loop started over
+            if new:
+                begin = getattr(scheduler, "begin_index", None) or 0
+                pos = begin if 0 <= begin < len(self._first) else 0
+        if new:
+            self._base = pos
+        self._last = (pos, timestep)
+        total = max(len(self._first) - self._base, 1)  # the denoising calls this generation makes
+        return StepInfo(new, self._first[pos] - self._first[self._base], total)
+
+    def position(self, timestep: Any) -> int | None:
+        """Where ``timestep`` is in the scheduler's timesteps (the first occurrence of its value when found by
+        value), without a device read; None when that cannot be told."""
+        timesteps = self._timesteps
+        assert timesteps is not None
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() == 0 or timestep.device != timesteps.device:
+                return None
+            if timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr():
+                # A view of the timesteps (an element, or one expanded): its offset says which element.
+                pos, rest = divmod(timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0) or 1)
+                if rest == 0 and 0 <= pos < len(self._first):
+                    return pos
+            if timestep.device.type != "cpu" or timestep.is_complex():
+                return None
+            timestep = timestep.reshape(-1)[0].item()  # on the host already: no sync
+        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            return self._by_value.get(timestep)
+        return None
 
 
 _UNKNOWN = object()  # decide_ahead's predicted signature when no deep feature is cached: equals none
@@ -81,16 +139,20 @@ class _PipelineUNet(CachedModule):
         self._pipe_ref = weakref.ref(pipe)
         self.fxcache_controlnet: _controlnet.ControlNetStep | None = None  # kept, with its graphs, across re-enables
 
-    def in_pipeline(self) -> bool:
-        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled)."""
+    def in_pipeline(self, controlnet: Any = None) -> bool:
+        """Whether this module is its pipeline's ``unet`` now (not swapped out by :func:`swap_unet` or disabled),
+        and, when given, ``controlnet`` its ``controlnet``."""
         pipe = self._pipe_ref()
-        return pipe is not None and pipe.__dict__.get("unet") is self
+        if pipe is None or pipe.__dict__.get("unet") is not self:
+            return False
+        return controlnet is None or pipe.__dict__.get("controlnet") is controlnet
 
-    def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, CachePlan | None]:
+    def decide_ahead(self, args: tuple, kwargs: dict[str, Any]) -> tuple[bool, bool, CachePlan | None]:
         """Decide now whether the next call is full, advancing the step state exactly as that call would.
 
         For a module called right before this one with the same timestep (a ControlNet). The next call
-        consumes the decision. Returns it, with the plan whose shallow graph a shallow step will run.
+        consumes the decision. Returns (new generation?, full?) and the plan whose shallow graph a shallow step
+        will run.
         Deciding again before that call drops the earlier decision (its call never came). The decision is
         kept in the generation's state (``fxcache_state.ahead``, a :class:`~fxcache.generations.Decision`), so
         threads sharing the module keep theirs apart.
@@ -98,9 +160,17 @@ class _PipelineUNet(CachedModule):
         st = self.fxcache_state
         st.ahead = None
         predicted = st.signature if st.signature is not None else _UNKNOWN
-        new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
+        with self._numbering(args, kwargs):
+            new_generation, full = CachedModule._decide(self, predicted, args, kwargs)
         st.ahead = Decision(new_generation, full, predicted)
-        return full, (None if full else self.plans.get(predicted))
+        return new_generation, full, (None if full else self.plans.get(predicted))
+
+    def _numbering(self, args: tuple, kwargs: dict[str, Any]) -> AbstractContextManager[None]:
+        # The step source numbers a call by its timestep argument (the ControlNet's takes the same one).
+        source = self.step_source
+        if isinstance(source, _SchedulerSteps):
+            return source.calling(self._timestep.get(args, kwargs))
+        return nullcontext()
 
     def ahead_pruned(self) -> None:
         """The caller of :meth:`decide_ahead` skipped inputs only a full step reads: the next call must be shallow."""
@@ -115,7 +185,8 @@ class _PipelineUNet(CachedModule):
         st = self.fxcache_state
         ahead, st.ahead = st.ahead, None
         if ahead is None:
-            return super()._decide(sig, args, kwargs)
+            with self._numbering(args, kwargs):
+                return super()._decide(sig, args, kwargs)
         if sig == ahead.signature:
             return ahead.new_generation, ahead.full
         # The inputs' signature differs from the cached feature's: this is a new generation, a full step.
@@ -163,8 +234,23 @@ class _SaveAsPlain:
         pipe = self.pipe
         unet = pipe.unet
         original = unet.model if isinstance(unet, CachedModule) else unet
-        with swap_unet(pipe, original):
+        net = pipe.__dict__.get("controlnet")
+        with swap_unet(pipe, original), _swapped(pipe, "controlnet", _controlnet.plain(net)):
             return type(pipe).save_pretrained(pipe, *args, **kwargs)
+
+
+@contextmanager
+def _swapped(pipe: Any, name: str, value: Any) -> Iterator[None]:
+    # Without DiffusionPipeline.__setattr__, which would record the value in pipe.config.
+    if name not in pipe.__dict__:
+        yield
+        return
+    previous = pipe.__dict__[name]
+    object.__setattr__(pipe, name, value)
+    try:
+        yield
+    finally:
+        object.__setattr__(pipe, name, previous)
 
 
 def _set_unet(pipe: Any, unet: torch.nn.Module) -> None:
@@ -211,8 +297,11 @@ def enable(
 
     Step numbering follows the reference helper (``DeepCacheSDHelper``) exactly: a call's step is the
     position of its timestep's first occurrence in the scheduler's timesteps, counted from the
-    generation's first call. Unlike the reference, which reads the timestep tensor every step (a
-    device sync), fxcache reads the scheduler's timesteps once per generation and counts calls.
+    generation's first call, so two calls at one timestep are one step. Unlike the reference, which
+    reads the timestep tensor every step (a device sync), fxcache reads the scheduler's timesteps once
+    per generation and places a call by its timestep's storage offset in them (how pipelines pass it);
+    only a device tensor that is not an element of ``scheduler.timesteps`` is placed by counting calls
+    (the same tensor object again being the same step). See :class:`_SchedulerSteps`.
     A schedule that needs the number of steps (``nonuniform``) gets the number of denoising calls
     the pipeline will make. ``interval``, ``schedule`` and ``compile`` are as in
     :func:`fxcache.transform`. Calling ``enable`` again on an enabled pipeline replaces the settings
@@ -224,7 +313,9 @@ def enable(
     On a pipeline with a ControlNet (``pipe.controlnet``, one or a ``MultiControlNetModel``), shallow
     steps run only the part of the ControlNet whose residuals the shallow U-Net reads (for branch 0 the
     first of its 13 residuals), with the same latents as running it whole; ``prune_controlnet=False``
-    runs it whole every step, as the reference helper does. See :mod:`fxcache.adapters.controlnet`.
+    runs it whole every step, as the reference helper does. ``pipe.controlnet`` is then the pipeline's own view
+    of the ControlNet (same class, same state; the ControlNet object, which other pipelines may share, is not
+    changed) until :func:`disable`. See :mod:`fxcache.adapters.controlnet`.
 
     Example:
         >>> import fxcache
@@ -254,27 +345,35 @@ def enable(
 
 
 def _hook_controlnet(pipe: Any, unet: _PipelineUNet, prune: bool) -> None:
-    # pipe.controlnet stays the same object (the pipeline checks its class); only its forward is hooked.
-    net = getattr(pipe, "controlnet", None)
+    # The pipeline's controlnet becomes its own view of the ControlNet (fxcache.adapters.controlnet.view), set
+    # with object.__setattr__ as the U-Net is: the ControlNet object, which other pipelines may share, is never
+    # changed, and the pipeline's config still names the ControlNet.
+    current = pipe.__dict__.get("controlnet")
+    net = _controlnet.plain(current)
     if not isinstance(net, torch.nn.Module):
         return
-    _controlnet.uninstall(net)
-    if prune:
-        step = unet.fxcache_controlnet
-        unet.fxcache_controlnet = _controlnet.install(net, unet, step if step is not None and step.net is net else None)
+    if not prune:
+        if current is not net:
+            object.__setattr__(pipe, "controlnet", net)
+        return
+    step = unet.fxcache_controlnet
+    if step is None or step.net is not net:  # kept, with its graphs, while the pipeline keeps this ControlNet
+        step = unet.fxcache_controlnet = _controlnet.ControlNetStep(net, unet)
+    if _controlnet.installed(current) is not step:
+        object.__setattr__(pipe, "controlnet", _controlnet.view(net, step))
 
 
 def disable(pipe: Any) -> Any:
-    """Put back the UNet that :func:`enable` replaced (and the ControlNet's own forward); a no-op on a
+    """Put back the UNet and the ControlNet that :func:`enable` replaced (the very same objects); a no-op on a
     pipeline that is not enabled."""
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, CachedModule):
         _set_unet(pipe, unet.model)
     if isinstance(vars(pipe).get("save_pretrained"), _SaveAsPlain):
         del pipe.__dict__["save_pretrained"]
-    net = getattr(pipe, "controlnet", None)
-    if isinstance(net, torch.nn.Module):
-        _controlnet.uninstall(net)
+    net = pipe.__dict__.get("controlnet")
+    if _controlnet.installed(net) is not None:
+        object.__setattr__(pipe, "controlnet", _controlnet.plain(net))
     return pipe
 
 
